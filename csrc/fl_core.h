@@ -1,0 +1,182 @@
+/*
+ * fastlive core: single-socket liveness checks and TCP_INFO.
+ *
+ * This header is the one declaration of the C API.  cffi's cdef reads it
+ * (build_ffi.py) and the C sources #include it, so the compiler checks the
+ * two agree.  Keep it cdef-clean: no #include, no #if, no macros; constants
+ * are enums.  Every exported name starts with fl_ / FL_.
+ *
+ * Conventions: functions return 0 (or a count) on success and -errno on
+ * failure; errno is never left for the caller to read.  Per-socket problems
+ * are verdicts (struct fl_verdict), not failures.
+ */
+
+/* The project's own copy of the Linux UAPI struct tcp_info (linux/tcp.h as
+ * of 6.19), so a build against an old libc still knows the newest fields.
+ * The kernel copies min(len, its own size) bytes: a field lies beyond the
+ * returned length on an older kernel (or under qemu-user, which returns 4
+ * bytes) and must then be treated as absent. */
+struct fl_tcp_info {
+    uint8_t  tcpi_state;
+    uint8_t  tcpi_ca_state;
+    uint8_t  tcpi_retransmits;
+    uint8_t  tcpi_probes;
+    uint8_t  tcpi_backoff;
+    uint8_t  tcpi_options;
+    uint8_t  tcpi_snd_wscale : 4, tcpi_rcv_wscale : 4;
+    uint8_t  tcpi_delivery_rate_app_limited : 1, tcpi_fastopen_client_fail : 2;
+
+    uint32_t tcpi_rto;
+    uint32_t tcpi_ato;
+    uint32_t tcpi_snd_mss;
+    uint32_t tcpi_rcv_mss;
+
+    uint32_t tcpi_unacked;
+    uint32_t tcpi_sacked;
+    uint32_t tcpi_lost;
+    uint32_t tcpi_retrans;
+    uint32_t tcpi_fackets;
+
+    uint32_t tcpi_last_data_sent;
+    uint32_t tcpi_last_ack_sent;
+    uint32_t tcpi_last_data_recv;
+    uint32_t tcpi_last_ack_recv;
+
+    uint32_t tcpi_pmtu;
+    uint32_t tcpi_rcv_ssthresh;
+    uint32_t tcpi_rtt;
+    uint32_t tcpi_rttvar;
+    uint32_t tcpi_snd_ssthresh;
+    uint32_t tcpi_snd_cwnd;
+    uint32_t tcpi_advmss;
+    uint32_t tcpi_reordering;
+
+    uint32_t tcpi_rcv_rtt;
+    uint32_t tcpi_rcv_space;
+
+    uint32_t tcpi_total_retrans;
+
+    uint64_t tcpi_pacing_rate;
+    uint64_t tcpi_max_pacing_rate;
+    uint64_t tcpi_bytes_acked;
+    uint64_t tcpi_bytes_received;
+    uint32_t tcpi_segs_out;
+    uint32_t tcpi_segs_in;
+
+    uint32_t tcpi_notsent_bytes;
+    uint32_t tcpi_min_rtt;
+    uint32_t tcpi_data_segs_in;
+    uint32_t tcpi_data_segs_out;
+
+    uint64_t tcpi_delivery_rate;
+
+    uint64_t tcpi_busy_time;
+    uint64_t tcpi_rwnd_limited;
+    uint64_t tcpi_sndbuf_limited;
+
+    uint32_t tcpi_delivered;
+    uint32_t tcpi_delivered_ce;
+
+    uint64_t tcpi_bytes_sent;
+    uint64_t tcpi_bytes_retrans;
+    uint32_t tcpi_dsack_dups;
+    uint32_t tcpi_reord_seen;
+
+    uint32_t tcpi_rcv_ooopack;
+
+    uint32_t tcpi_snd_wnd;
+    uint32_t tcpi_rcv_wnd;
+
+    uint32_t tcpi_rehash;
+
+    uint16_t tcpi_total_rto;
+    uint16_t tcpi_total_rto_recoveries;
+    uint32_t tcpi_total_rto_time;
+
+    uint32_t tcpi_received_ce;
+    uint32_t tcpi_delivered_e1_bytes;
+    uint32_t tcpi_delivered_e0_bytes;
+    uint32_t tcpi_delivered_ce_bytes;
+    uint32_t tcpi_received_e1_bytes;
+    uint32_t tcpi_received_e0_bytes;
+    uint32_t tcpi_received_ce_bytes;
+    uint32_t tcpi_ecn_mode : 2, tcpi_accecn_opt_seen : 2,
+             tcpi_accecn_fail_mode : 4, tcpi_options2 : 24;
+};
+
+/* What a check concluded about the peer. */
+enum fl_status {
+    FL_ALIVE = 0,        /* no sign of death (not proof of life) */
+    FL_PEER_CLOSED = 1,  /* FIN received: the peer will send nothing more */
+    FL_RESET = 2,        /* RST received (ECONNRESET / EPIPE after RST) */
+    FL_TIMED_OUT = 3,    /* a kernel or socket timer expired */
+    FL_UNREACHABLE = 4,  /* ICMP said host/net unreachable */
+    FL_ERROR = 5,        /* some other socket error, see err */
+    FL_CLOSED = 6,       /* the kernel already closed the connection */
+    FL_INVALID = 7       /* not a connected TCP socket: see err */
+};
+
+/* Which method produced a verdict. */
+enum fl_method {
+    FL_M_PEEK = 0, FL_M_SEND = 1, FL_M_SO_ERROR = 2, FL_M_SELECT = 3,
+    FL_M_POLL = 4, FL_M_TCP_INFO = 5, FL_M_KEEPALIVE = 6, FL_M_RCVTIMEO = 7,
+    FL_M_HEARTBEAT = 8, FL_M_EPOLL = 9, FL_M_USER_TIMEOUT = 10
+};
+
+/* Bits of fl_verdict.flags. */
+enum fl_flag {
+    FL_F_DATA_PENDING = 1,   /* unread bytes wait in the receive queue */
+    FL_F_SUSPECT = 2,        /* TCP_INFO: retransmits/probes/backoff climbing */
+    FL_F_SELECT_FALLBACK = 4,/* fd >= FD_SETSIZE: select() replaced by poll() */
+    FL_F_WRITE_OPEN = 8      /* peer half-closed; our direction still open */
+};
+
+struct fl_verdict {
+    int status;      /* enum fl_status */
+    int err;         /* errno behind the verdict, 0 if none */
+    int method;      /* enum fl_method */
+    int tcp_state;   /* tcpi_state when the method saw it, else -1 */
+    int flags;       /* enum fl_flag bits */
+};
+
+/* Socket validation and errno classification. */
+int  fl_status_of_errno(int err);
+int  fl_tcp_state(int fd);                 /* >= 0 state, or -errno */
+
+/* TCP_INFO: fills *out (zeroed first), returns bytes the kernel gave or -errno. */
+int  fl_tcp_info(int fd, struct fl_tcp_info *out);
+
+/* Method 1: read/write errors. */
+void fl_check_peek(int fd, struct fl_verdict *v);
+void fl_check_so_error(int fd, struct fl_verdict *v);
+long fl_send(int fd, const void *buf, size_t len, int flags, struct fl_verdict *v);
+
+/* Method 2: readiness.  timeout_ms < 0 waits forever (the Python layer
+ * never passes that).  select() falls back to poll() for fd >= FD_SETSIZE. */
+void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v);
+void fl_check_poll(int fd, int timeout_ms, struct fl_verdict *v);
+
+/* Method 3: TCP_INFO state, with the suspect signal. */
+void fl_check_tcp_info(int fd, struct fl_verdict *v);
+
+/* Method 4: keepalive and TCP_USER_TIMEOUT. */
+struct fl_keepalive {
+    int enabled;            /* SO_KEEPALIVE */
+    int idle_s;             /* TCP_KEEPIDLE */
+    int interval_s;         /* TCP_KEEPINTVL */
+    int count;              /* TCP_KEEPCNT */
+    unsigned int user_timeout_ms; /* TCP_USER_TIMEOUT, 0 = off */
+};
+int  fl_get_keepalive(int fd, struct fl_keepalive *out);
+/* Any field < 0 is left as it is; user_timeout_ms is set when set_ut != 0. */
+int  fl_set_keepalive(int fd, int enabled, int idle_s, int interval_s, int count,
+                      int set_ut, unsigned int user_timeout_ms);
+
+/* Method 5: SO_RCVTIMEO / SO_SNDTIMEO, in microseconds (0 = no timeout). */
+int  fl_get_timeouts(int fd, int64_t *rcv_us, int64_t *snd_us);
+int  fl_set_timeouts(int fd, int64_t rcv_us, int64_t snd_us);
+/* Waits up to SO_RCVTIMEO (or timeout_ms when >= 0) for data, peeking only. */
+void fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v);
+
+/* Build identity, checked at import against the Python package version. */
+const char *fl_version(void);

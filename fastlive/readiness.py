@@ -1,0 +1,35 @@
+"""Method 2: readiness (select, and poll with POLLRDHUP).
+
+The kernel marks a socket readable when data, a FIN or an error arrives;
+the article then calls read() and takes 0 as "peer closed".  fastlive peeks
+instead of reading, so the application's bytes stay in the queue.
+
+select() cannot name a descriptor >= FD_SETSIZE (1024): FD_SET on one
+writes past the fd_set and corrupts memory.  :func:`check_select` checks
+such descriptors with poll() instead and sets the ``SELECT_FALLBACK`` flag.
+
+poll() with POLLRDHUP tells more, without a read: POLLRDHUP alone means the
+peer shut its sending side (it may still read: ``WRITE_OPEN`` is set),
+POLLHUP that both directions are shut, POLLERR that an error is pending.
+"""
+from __future__ import annotations
+
+from ._lib import SocketLike, fd_of, lib, timeout_ms
+from .verdict import Verdict, new_c_verdict
+
+#: select()'s limit on descriptor numbers.
+FD_SETSIZE = 1024
+
+
+def check_select(sock: SocketLike, timeout: float = 0.0) -> Verdict:
+    """Wait up to ``timeout`` seconds for readability, then peek."""
+    v = new_c_verdict()
+    lib.fl_check_select(fd_of(sock), timeout_ms(timeout), v)
+    return Verdict._from_c(v)
+
+
+def check_poll(sock: SocketLike, timeout: float = 0.0) -> Verdict:
+    """Wait up to ``timeout`` seconds for POLLIN/POLLRDHUP/POLLHUP/POLLERR."""
+    v = new_c_verdict()
+    lib.fl_check_poll(fd_of(sock), timeout_ms(timeout), v)
+    return Verdict._from_c(v)

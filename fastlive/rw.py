@@ -1,0 +1,55 @@
+"""Method 1: what reads and writes tell.
+
+The kernel reports a peer's FIN as a read of 0 bytes and its RST as
+ECONNRESET on the next read or write (EPIPE on writes after that).  A write
+to a connection whose peer is gone raises SIGPIPE, which kills a process
+that does not handle it; :func:`send` uses MSG_NOSIGNAL so it never does.
+
+Contrary to the article, recv() never returns EPIPE: EPIPE is a write
+error.  And a successful write proves nothing: the bytes are only queued
+in the local kernel.
+
+Checks here never consume application bytes: the read probe uses
+``recv(MSG_PEEK | MSG_DONTWAIT)``.  A pending socket error is reported by
+the kernel once - whichever check reads it (peek, SO_ERROR) takes it, and
+later reads see end-of-file.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from ._lib import SocketLike, fd_of, ffi, lib
+from .verdict import Verdict, new_c_verdict
+
+
+def check_peek(sock: SocketLike) -> Verdict:
+    """Peek one byte without waiting: 0 bytes means the peer's FIN arrived
+    (PEER_CLOSED); ECONNRESET is RESET; EAGAIN or pending data is ALIVE
+    (``DATA_PENDING`` flag when bytes are queued).  A FIN queued behind
+    unread data is not visible to this probe (poll's POLLRDHUP sees it)."""
+    v = new_c_verdict()
+    lib.fl_check_peek(fd_of(sock), v)
+    return Verdict._from_c(v)
+
+
+def check_so_error(sock: SocketLike) -> Verdict:
+    """Read (and so clear) the socket's pending error: ETIMEDOUT after a
+    keepalive or TCP_USER_TIMEOUT expiry, ECONNRESET, EHOSTUNREACH..."""
+    v = new_c_verdict()
+    lib.fl_check_so_error(fd_of(sock), v)
+    return Verdict._from_c(v)
+
+
+class SendResult(NamedTuple):
+    sent: int          #: bytes queued (0 on error)
+    verdict: Verdict   #: RESET for EPIPE/ECONNRESET, TIMED_OUT for ETIMEDOUT...
+
+
+def send(sock: SocketLike, data: bytes, flags: int = 0) -> SendResult:
+    """``send(MSG_NOSIGNAL | flags)``: never raises SIGPIPE, never raises
+    for a dead peer; the verdict classifies the error instead.  EAGAIN on a
+    full non-blocking socket is ALIVE with 0 bytes sent."""
+    v = new_c_verdict()
+    buf = ffi.from_buffer(data)
+    n = lib.fl_send(fd_of(sock), buf, len(data), flags, v)
+    return SendResult(max(n, 0), Verdict._from_c(v))
