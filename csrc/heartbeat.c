@@ -1,0 +1,860 @@
+/*
+ * fastlive heartbeat engine: one epoll set, one hashed timing wheel.
+ *
+ * Every watched connection has exactly one deadline, kept in the wheel
+ * slot of its tick.  Receiving bytes does not touch the wheel: it only
+ * stamps last_heard.  When a deadline comes due the connection is looked
+ * at once: heard recently -> the deadline moves to last_heard + interval;
+ * silent for an interval -> one PING; silent for misses * interval -> dead.
+ * A tick therefore costs O(connections due in it), never O(all): idle but
+ * healthy connections are touched once per interval, busy ones once per
+ * interval too (and get no PING).
+ *
+ * Memory is allocated in fl_hb_new and fl_hb_add only; fl_hb_wait does not
+ * allocate.  All loops are bounded (events per wait, reads per event).
+ */
+#include "fl_prelude.h"
+#include "fl_core.h"
+#include "fl_heartbeat.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/timerfd.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef EPOLLRDHUP
+#define EPOLLRDHUP 0x2000
+#endif
+#ifndef SIOCOUTQ
+#define SIOCOUTQ TIOCOUTQ
+#endif
+
+#define WHEEL_BITS 12
+#define NSLOTS (1u << WHEEL_BITS)          /* 4096 ticks: 41 s at 10 ms */
+#define SLOT_MASK (NSLOTS - 1)
+#define NIL (-1)
+#define MAX_EVENTS 256                      /* epoll events per epoll_wait */
+#define MAX_PASSES 64                       /* epoll_wait calls per fl_hb_wait(0) */
+#define READS_PER_EVENT 4
+#define RX_CHUNK 512
+#define RTT_RING 1024
+#define FRAME_MAX (FL_HB_HEADER_LEN + FL_HB_MAX_PAYLOAD)
+#define TIMER_TAG UINT64_MAX
+
+enum { C_FREE = 0, C_LIVE = 1, C_DEAD = 2, C_GONE = 3 };
+
+struct conn {
+    int fd;
+    int flags;
+    int state;
+    uint32_t gen;
+    int misses;
+    int32_t next, prev;         /* wheel list, free list, dead list */
+    int slot;                   /* wheel slot, -1 when not in the wheel */
+    int64_t interval_us;
+    int64_t last_heard_us;
+    int64_t deadline_us;
+    int64_t deadline_tick;
+    int64_t ping_sent_us;       /* 0: no PING outstanding */
+    uint16_t seq, ping_seq;
+    uint8_t rxlen, txlen;
+    uint8_t rx[FRAME_MAX];      /* a frame split across reads */
+    uint8_t tx[FL_HB_HEADER_LEN * 2]; /* rest of a partly sent frame */
+    struct fl_verdict death;
+    int64_t silent_us;
+};
+
+struct fl_hb {
+    int epfd, tfd;
+    int64_t tick_us;
+    int64_t cur_tick;           /* every tick <= cur_tick is done */
+    int64_t armed_tick;
+    struct conn *c;
+    int cap, nconn, free_head;
+    int *fdmap;                 /* fd -> conn index, -1 */
+    int fdmap_len;
+    int32_t dead_head, dead_tail;
+    int32_t head[NSLOTS];
+    uint64_t bits[NSLOTS / 64];
+    struct fl_hb_event rtt[RTT_RING];
+    int rtt_head, rtt_len;
+    struct fl_hb_stats st;
+};
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* ---- wire format ---------------------------------------------------- */
+
+int fl_hb_parse(const uint8_t *buf, size_t len, struct fl_hb_frame *out)
+{
+    unsigned ver, type, plen;
+
+    if (len == 0)
+        return 0;
+    if (buf[0] != FL_HB_MAGIC)
+        return -EPROTO;
+    if (len < 2)
+        return 0;
+    ver = buf[1] >> 4;
+    type = buf[1] & 0x0f;
+    if (ver != FL_HB_VERSION)
+        return -EPROTONOSUPPORT;
+    if (type != FL_HB_PING && type != FL_HB_PONG)
+        return -EPROTO;
+    if (len < FL_HB_HEADER_LEN)
+        return 0;
+    plen = buf[4];
+    if (plen > FL_HB_MAX_PAYLOAD)
+        return -EMSGSIZE;
+    if (out) {
+        out->version = (int)ver;
+        out->type = (int)type;
+        out->seq = ((unsigned)buf[2] << 8) | buf[3];
+        out->payload_len = plen;
+    }
+    if (len < FL_HB_HEADER_LEN + plen)
+        return 0;
+    return (int)(FL_HB_HEADER_LEN + plen);
+}
+
+int fl_hb_encode(int type, unsigned int seq, uint8_t *out, size_t len)
+{
+    if ((type != FL_HB_PING && type != FL_HB_PONG) || seq > 0xffff
+        || !out || len < FL_HB_HEADER_LEN)
+        return -EINVAL;
+    out[0] = FL_HB_MAGIC;
+    out[1] = (uint8_t)((FL_HB_VERSION << 4) | type);
+    out[2] = (uint8_t)(seq >> 8);
+    out[3] = (uint8_t)seq;
+    out[4] = 0;
+    return FL_HB_HEADER_LEN;
+}
+
+/* ---- timing wheel --------------------------------------------------- */
+
+static void wheel_unlink(struct fl_hb *hb, int32_t i)
+{
+    struct conn *c = &hb->c[i];
+
+    if (c->slot < 0)
+        return;
+    if (c->prev != NIL)
+        hb->c[c->prev].next = c->next;
+    else
+        hb->head[c->slot] = c->next;
+    if (c->next != NIL)
+        hb->c[c->next].prev = c->prev;
+    if (hb->head[c->slot] == NIL)
+        hb->bits[c->slot >> 6] &= ~(1ull << (c->slot & 63));
+    c->slot = -1;
+    c->next = c->prev = NIL;
+}
+
+/* Puts connection i at deadline d (never at or before the current tick). */
+static void wheel_schedule(struct fl_hb *hb, int32_t i, int64_t d)
+{
+    struct conn *c = &hb->c[i];
+    int64_t tick = (d + hb->tick_us - 1) / hb->tick_us;
+    int slot;
+
+    wheel_unlink(hb, i);
+    if (tick <= hb->cur_tick)
+        tick = hb->cur_tick + 1;
+    slot = (int)(tick & SLOT_MASK);
+    c->deadline_us = d;
+    c->deadline_tick = tick;
+    c->slot = slot;
+    c->prev = NIL;
+    c->next = hb->head[slot];
+    if (c->next != NIL)
+        hb->c[c->next].prev = i;
+    hb->head[slot] = i;
+    hb->bits[slot >> 6] |= 1ull << (slot & 63);
+}
+
+/* The first tick after cur_tick whose slot holds anything, or -1. */
+static int64_t wheel_next(const struct fl_hb *hb)
+{
+    int64_t t = hb->cur_tick + 1;
+    unsigned k = 0;
+
+    while (k < NSLOTS) {
+        unsigned s = (unsigned)((t + k) & SLOT_MASK);
+        uint64_t word = hb->bits[s >> 6] >> (s & 63);
+        if (word)
+            return t + k + (unsigned)__builtin_ctzll(word);
+        k += 64 - (s & 63);
+    }
+    return -1;
+}
+
+static int arm_timer(struct fl_hb *hb)
+{
+    struct itimerspec its;
+    int64_t t = wheel_next(hb);
+
+    if (t == hb->armed_tick)
+        return 0;
+    memset(&its, 0, sizeof its);
+    if (t >= 0) {
+        int64_t at = t * hb->tick_us;
+        its.it_value.tv_sec = (time_t)(at / 1000000);
+        its.it_value.tv_nsec = (long)(at % 1000000) * 1000;
+        if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
+            its.it_value.tv_nsec = 1;
+    }
+    if (timerfd_settime(hb->tfd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+        return -errno;
+    hb->armed_tick = t;
+    return 0;
+}
+
+/* ---- connections ---------------------------------------------------- */
+
+static int32_t lookup(const struct fl_hb *hb, int fd)
+{
+    if (fd < 0 || fd >= hb->fdmap_len)
+        return NIL;
+    return hb->fdmap[fd];
+}
+
+static void conn_free(struct fl_hb *hb, int32_t i)
+{
+    struct conn *c = &hb->c[i];
+
+    if (c->fd >= 0 && c->fd < hb->fdmap_len && hb->fdmap[c->fd] == i)
+        hb->fdmap[c->fd] = NIL;
+    c->state = C_FREE;
+    c->fd = -1;
+    c->next = hb->free_head;
+    hb->free_head = i;
+    hb->nconn--;
+}
+
+/* Ends watching connection i and queues its death for fl_hb_wait. */
+static void conn_die(struct fl_hb *hb, int32_t i, int status, int err, int method,
+                     int64_t silent_us)
+{
+    struct conn *c = &hb->c[i];
+
+    if (c->state != C_LIVE)
+        return;
+    epoll_ctl(hb->epfd, EPOLL_CTL_DEL, c->fd, NULL); /* EBADF if closed: fine */
+    wheel_unlink(hb, i);
+    c->state = C_DEAD;
+    c->death.status = status;
+    c->death.err = err;
+    c->death.method = method;
+    c->death.tcp_state = -1;
+    c->death.flags = 0;
+    if (c->fd >= 0) {
+        int st = fl_tcp_state(c->fd);
+        c->death.tcp_state = st >= 0 ? st : -1;
+    }
+    c->silent_us = silent_us < 0 ? 0 : silent_us;
+    c->next = NIL;
+    if (hb->dead_tail != NIL)
+        hb->c[hb->dead_tail].next = i;
+    else
+        hb->dead_head = i;
+    hb->dead_tail = i;
+    hb->st.deaths++;
+}
+
+static void die_errno(struct fl_hb *hb, int32_t i, int err, int method, int64_t now)
+{
+    struct conn *c = &hb->c[i];
+    int st = fl_status_of_errno(err);
+
+    if (st == FL_ALIVE)      /* EAGAIN/EINTR never kill; defensive */
+        return;
+    conn_die(hb, i, st, err, method, now - c->last_heard_us);
+}
+
+/* Sends what is left of a partly sent frame.  1 = clear, 0 = still pending,
+ * <0 = -errno (dead). */
+static int flush_tx(struct conn *c)
+{
+    ssize_t n;
+
+    if (c->txlen == 0)
+        return 1;
+    n = send(c->fd, c->tx, c->txlen, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0)
+        return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -errno;
+    memmove(c->tx, c->tx + n, (size_t)(c->txlen - n));
+    c->txlen = (uint8_t)(c->txlen - n);
+    return c->txlen == 0;
+}
+
+/* Sends one frame; 1 = sent (or its rest queued), 0 = skipped, <0 = -errno. */
+static int send_frame(struct conn *c, int type, unsigned seq)
+{
+    uint8_t f[FL_HB_HEADER_LEN];
+    ssize_t n;
+    int r = flush_tx(c);
+
+    if (r <= 0)
+        return r;
+    fl_hb_encode(type, seq, f, sizeof f);
+    n = send(c->fd, f, sizeof f, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0)
+        return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? 0 : -errno;
+    if ((size_t)n < sizeof f) {     /* keep the stream framed */
+        memcpy(c->tx, f + n, sizeof f - (size_t)n);
+        c->txlen = (uint8_t)(sizeof f - (size_t)n);
+    }
+    return 1;
+}
+
+static void push_rtt(struct fl_hb *hb, int fd, int64_t rtt)
+{
+    struct fl_hb_event *e;
+
+    if (hb->rtt_len == RTT_RING) {
+        hb->st.rtt_dropped++;
+        return;
+    }
+    e = &hb->rtt[(hb->rtt_head + hb->rtt_len) % RTT_RING];
+    memset(e, 0, sizeof *e);
+    e->kind = FL_HB_RTT_SAMPLE;
+    e->fd = fd;
+    e->verdict.status = FL_ALIVE;
+    e->verdict.method = FL_M_HEARTBEAT;
+    e->verdict.tcp_state = -1;
+    e->rtt_us = rtt;
+    hb->rtt_len++;
+}
+
+/* One complete frame from connection i. */
+static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, int64_t now)
+{
+    struct conn *c = &hb->c[i];
+    int r;
+
+    hb->st.frames_received++;
+    if (f->type == FL_HB_PING) {
+        r = send_frame(c, FL_HB_PONG, f->seq);
+        if (r < 0)
+            die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
+        else if (r > 0)
+            hb->st.pings_answered++;
+    } else {
+        hb->st.pongs_received++;
+        if (c->ping_sent_us && f->seq == c->ping_seq) {
+            if (c->flags & FL_HB_RTT)
+                push_rtt(hb, c->fd, now - c->ping_sent_us);
+            c->ping_sent_us = 0;
+        }
+    }
+}
+
+/* Feeds received bytes through the strict parser: 0 or -errno. */
+static int feed(struct fl_hb *hb, int32_t i, const uint8_t *p, size_t n, int64_t now)
+{
+    struct fl_hb_frame f;
+    size_t off = 0;
+    int r;
+
+    while (off < n && hb->c[i].state == C_LIVE) {
+        struct conn *c = &hb->c[i];
+        if (c->rxlen == 0) {
+            r = fl_hb_parse(p + off, n - off, &f);
+            if (r < 0)
+                return r;
+            if (r == 0) {           /* n - off < a whole frame <= FRAME_MAX */
+                memcpy(c->rx, p + off, n - off);
+                c->rxlen = (uint8_t)(n - off);
+                return 0;
+            }
+            off += (size_t)r;
+        } else {
+            size_t old = c->rxlen, take = n - off;
+            if (take > sizeof c->rx - old)
+                take = sizeof c->rx - old;
+            memcpy(c->rx + old, p + off, take);
+            r = fl_hb_parse(c->rx, old + take, &f);
+            if (r < 0)
+                return r;
+            if (r == 0) {
+                c->rxlen = (uint8_t)(old + take);
+                off += take;
+                continue;
+            }
+            off += (size_t)r - old;
+            c->rxlen = 0;
+        }
+        on_frame(hb, i, &f, now);
+    }
+    return 0;
+}
+
+/* Dedicated connection readable (or hung up / in error): read it. */
+static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
+{
+    uint8_t buf[RX_CHUNK];
+    int k;
+
+    for (k = 0; k < READS_PER_EVENT && hb->c[i].state == C_LIVE; k++) {
+        struct conn *c = &hb->c[i];
+        ssize_t n = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) {
+            int r;
+            c->last_heard_us = now;
+            hb->st.bytes_received += (uint64_t)n;
+            r = feed(hb, i, buf, (size_t)n, now);
+            if (r < 0) {
+                conn_die(hb, i, FL_ERROR, -r, FL_M_HEARTBEAT, 0);
+                return;
+            }
+            if ((size_t)n < sizeof buf)
+                return;
+        } else if (n == 0) {
+            if (c->rxlen)   /* EOF inside a frame */
+                conn_die(hb, i, FL_ERROR, EPROTO, FL_M_HEARTBEAT, now - c->last_heard_us);
+            else
+                conn_die(hb, i, FL_PEER_CLOSED, 0, FL_M_EPOLL, now - c->last_heard_us);
+            return;
+        } else if (errno == EINTR) {
+            continue;
+        } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return;
+        } else {
+            die_errno(hb, i, errno, FL_M_EPOLL, now);
+            return;
+        }
+    }
+}
+
+/* Silence on a shared connection, from the kernel: ms since the last data
+ * segment arrived.  <0 = -errno. */
+static int64_t shared_silence(int fd, int *state)
+{
+    struct fl_tcp_info ti;
+    int len = fl_tcp_info(fd, &ti);
+
+    if (len < 0)
+        return len;
+    *state = ti.tcpi_state;
+    if ((size_t)len < offsetof(struct fl_tcp_info, tcpi_pmtu))
+        return -ENOPROTOOPT;    /* kernel without tcpi_last_data_recv */
+    return (int64_t)ti.tcpi_last_data_recv * 1000;
+}
+
+/* Shared connection: epoll says hang-up or error.  Nothing is read. */
+static void on_shared_event(struct fl_hb *hb, int32_t i, uint32_t ev, int64_t now)
+{
+    struct conn *c = &hb->c[i];
+    int st = -1;
+    int64_t silent = shared_silence(c->fd, &st);
+
+    if (silent >= 0 && now - silent > c->last_heard_us)
+        c->last_heard_us = now - silent;
+    if (ev & EPOLLERR) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+            err = errno;
+        if (err) {
+            die_errno(hb, i, err, FL_M_EPOLL, now);
+            if (c->state == C_LIVE)
+                conn_die(hb, i, FL_ERROR, err, FL_M_EPOLL, now - c->last_heard_us);
+            return;
+        }
+    }
+    if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) {
+        conn_die(hb, i, st == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED, 0, FL_M_EPOLL,
+                 now - c->last_heard_us);
+        if (!(ev & EPOLLHUP) && c->state == C_DEAD)
+            c->death.flags |= FL_F_WRITE_OPEN;
+    }
+}
+
+/* Connection i's deadline came due. */
+static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
+{
+    struct conn *c = &hb->c[i];
+    int64_t silence, limit = c->interval_us * c->misses, next, late;
+    int r;
+
+    hb->st.timer_fires++;
+    late = now - c->deadline_tick * hb->tick_us;   /* the tick, not the deadline */
+    if (late > hb->st.late_max_us)
+        hb->st.late_max_us = late;
+    hb->st.late_sum_us += late;
+    hb->st.late_count++;
+
+    if (c->flags & FL_HB_SHARED) {
+        int st = -1;
+        silence = shared_silence(c->fd, &st);
+        if (silence < 0) {
+            conn_die(hb, i, FL_INVALID, (int)-silence, FL_M_HEARTBEAT, now - c->last_heard_us);
+            return;
+        }
+        /* life counts from fl_hb_add on: an old idle stretch is no miss */
+        if (now - silence > c->last_heard_us)
+            c->last_heard_us = now - silence;
+        silence = now - c->last_heard_us;
+    } else {
+        silence = now - c->last_heard_us;
+    }
+    if (silence >= limit) {
+        conn_die(hb, i, FL_TIMED_OUT, ETIMEDOUT, FL_M_HEARTBEAT, silence);
+        return;
+    }
+    /* Within a tick of an interval counts as an interval: a PONG that came
+     * back a few microseconds after the last PING must not cost a second
+     * wakeup before the next one. */
+    if (silence + hb->tick_us >= c->interval_us) {
+        int may = 1;
+        if (c->flags & FL_HB_SHARED) {
+            int queued = 0;
+            may = ioctl(c->fd, SIOCOUTQ, &queued) == 0 && queued == 0;
+        }
+        r = may ? send_frame(c, FL_HB_PING, (uint16_t)(c->seq + 1)) : 0;
+        if (r < 0) {
+            die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
+            if (hb->c[i].state == C_LIVE)
+                conn_die(hb, i, FL_ERROR, -r, FL_M_HEARTBEAT, silence);
+            return;
+        }
+        if (r > 0) {
+            c->seq++;
+            c->ping_seq = c->seq;
+            c->ping_sent_us = now;
+            hb->st.pings_sent++;
+        } else {
+            hb->st.pings_skipped++;
+        }
+        next = now + c->interval_us;
+        if (next > c->last_heard_us + limit)
+            next = c->last_heard_us + limit;
+    } else {
+        next = c->last_heard_us + c->interval_us;
+    }
+    wheel_schedule(hb, i, next);
+}
+
+/* Runs every deadline up to now. */
+static void run_timers(struct fl_hb *hb, int64_t now)
+{
+    int64_t now_tick = now / hb->tick_us, t, from = hb->cur_tick + 1;
+
+    if (now_tick < from)
+        return;
+    if (now_tick - from >= (int64_t)NSLOTS)
+        from = now_tick - NSLOTS + 1;   /* each slot once */
+    hb->cur_tick = now_tick;            /* reschedules land after now */
+    for (t = from; t <= now_tick; t++) {
+        unsigned s = (unsigned)(t & SLOT_MASK);
+        int32_t i, nx;
+        if (!(hb->bits[s >> 6] & (1ull << (s & 63))))
+            continue;
+        for (i = hb->head[s]; i != NIL; i = nx) {
+            nx = hb->c[i].next;
+            if (hb->c[i].deadline_tick <= now_tick)
+                on_deadline(hb, i, now);
+        }
+    }
+}
+
+static int drain(struct fl_hb *hb, struct fl_hb_event *out, int max, int *deaths)
+{
+    int n = 0;
+
+    while (n < max && hb->dead_head != NIL) {
+        int32_t i = hb->dead_head;
+        struct conn *c = &hb->c[i];
+        hb->dead_head = c->next;
+        if (hb->dead_head == NIL)
+            hb->dead_tail = NIL;
+        if (c->state == C_DEAD) {
+            struct fl_hb_event *e = &out[n++];
+            e->kind = FL_HB_DEATH;
+            e->fd = c->fd;
+            e->verdict = c->death;
+            e->silent_us = c->silent_us;
+            e->rtt_us = 0;
+            (*deaths)++;
+        }
+        conn_free(hb, i);
+    }
+    while (n < max && hb->rtt_len) {
+        out[n++] = hb->rtt[hb->rtt_head];
+        hb->rtt_head = (hb->rtt_head + 1) % RTT_RING;
+        hb->rtt_len--;
+    }
+    return n;
+}
+
+int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int max)
+{
+    struct epoll_event evs[MAX_EVENTS];
+    int64_t now = now_us(), deadline;
+    int n = 0, deaths = 0, passes = 0;
+
+    if (!hb || max < 0 || (max > 0 && !out) || timeout_ms < 0)
+        return -EINVAL;
+    deadline = now + (int64_t)timeout_ms * 1000;
+    for (;;) {
+        int r, k, wait_ms;
+        int64_t left;
+
+        n += drain(hb, out + n, max - n, &deaths);
+        if (deaths || n >= max)
+            return n;
+        r = arm_timer(hb);
+        if (r < 0)
+            return n ? n : r;
+        left = deadline - now_us();
+        wait_ms = left > 0 ? (int)((left + 999) / 1000) : 0;
+        r = epoll_wait(hb->epfd, evs, MAX_EVENTS, wait_ms);
+        if (r < 0) {
+            if (errno == EINTR) {
+                if (now_us() >= deadline)
+                    return n;
+                continue;
+            }
+            r = -errno;
+            return n ? n : r;
+        }
+        hb->st.wakeups++;
+        now = now_us();
+        for (k = 0; k < r; k++) {
+            uint64_t tag = evs[k].data.u64;
+            int32_t i;
+            if (tag == TIMER_TAG) {
+                uint64_t expirations;
+                if (read(hb->tfd, &expirations, sizeof expirations) < 0) {
+                    /* EAGAIN: already read */
+                }
+                hb->armed_tick = -2;    /* fired: re-arm next time */
+                continue;
+            }
+            i = (int32_t)(tag & 0xffffffffu);
+            if (i < 0 || i >= hb->cap || hb->c[i].state != C_LIVE
+                || hb->c[i].gen != (uint32_t)(tag >> 32))
+                continue;
+            if (hb->c[i].flags & FL_HB_SHARED)
+                on_shared_event(hb, i, evs[k].events, now);
+            else
+                on_readable(hb, i, now);
+        }
+        run_timers(hb, now);
+        passes++;
+        if (r == MAX_EVENTS && passes < MAX_PASSES)
+            continue;                   /* more may be ready: no sleeping */
+        if (now >= deadline) {
+            n += drain(hb, out + n, max - n, &deaths);
+            (void)arm_timer(hb);
+            return n;
+        }
+    }
+}
+
+/* ---- lifecycle ------------------------------------------------------ */
+
+static int grow_conns(struct fl_hb *hb, int want)
+{
+    struct conn *nc;
+    int i;
+
+    if (want <= hb->cap)
+        return 0;
+    if (want > (1 << 24))
+        return -ENOSPC;
+    nc = realloc(hb->c, (size_t)want * sizeof *nc);
+    if (!nc)
+        return -ENOMEM;
+    for (i = want - 1; i >= hb->cap; i--) {
+        memset(&nc[i], 0, sizeof nc[i]);
+        nc[i].fd = -1;
+        nc[i].slot = -1;
+        nc[i].state = C_FREE;
+        nc[i].prev = NIL;
+        nc[i].next = hb->free_head;
+        hb->free_head = i;
+    }
+    hb->c = nc;
+    hb->cap = want;
+    return 0;
+}
+
+static int grow_fdmap(struct fl_hb *hb, int fd)
+{
+    int *nm, want = hb->fdmap_len ? hb->fdmap_len : 1024, i;
+
+    if (fd < hb->fdmap_len)
+        return 0;
+    while (want <= fd)
+        want = want > INT_MAX / 2 ? INT_MAX : want * 2;
+    nm = realloc(hb->fdmap, (size_t)want * sizeof *nm);
+    if (!nm)
+        return -ENOMEM;
+    for (i = hb->fdmap_len; i < want; i++)
+        nm[i] = NIL;
+    hb->fdmap = nm;
+    hb->fdmap_len = want;
+    return 0;
+}
+
+int fl_hb_new(int tick_ms, int capacity, struct fl_hb **out)
+{
+    struct fl_hb *hb;
+    struct epoll_event ev;
+    unsigned s;
+    int r;
+
+    if (!out || tick_ms < 1 || tick_ms > 1000 || capacity < 0)
+        return -EINVAL;
+    *out = NULL;
+    hb = calloc(1, sizeof *hb);
+    if (!hb)
+        return -ENOMEM;
+    hb->epfd = hb->tfd = -1;
+    hb->free_head = hb->dead_head = hb->dead_tail = NIL;
+    for (s = 0; s < NSLOTS; s++)
+        hb->head[s] = NIL;
+    hb->tick_us = (int64_t)tick_ms * 1000;
+    hb->st.tick_us = hb->tick_us;
+    hb->cur_tick = now_us() / hb->tick_us;
+    hb->armed_tick = -2;
+    hb->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (hb->epfd < 0)
+        goto fail_errno;
+    hb->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (hb->tfd < 0)
+        goto fail_errno;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.u64 = TIMER_TAG;
+    if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, hb->tfd, &ev) < 0)
+        goto fail_errno;
+    r = grow_conns(hb, capacity > 0 ? capacity : 64);
+    if (r < 0) {
+        fl_hb_free(hb);
+        return r;
+    }
+    *out = hb;
+    return 0;
+fail_errno:
+    r = -errno;
+    fl_hb_free(hb);
+    return r;
+}
+
+void fl_hb_free(struct fl_hb *hb)
+{
+    if (!hb)
+        return;
+    if (hb->epfd >= 0)
+        close(hb->epfd);
+    if (hb->tfd >= 0)
+        close(hb->tfd);
+    free(hb->c);
+    free(hb->fdmap);
+    free(hb);
+}
+
+int fl_hb_fileno(struct fl_hb *hb)
+{
+    return hb ? hb->epfd : -EINVAL;
+}
+
+int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
+{
+    struct epoll_event ev;
+    struct conn *c;
+    int32_t i;
+    int r, st;
+    int64_t now;
+
+    if (!hb || interval_ms < 1 || misses < 1 || misses > 1000
+        || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
+        return -EINVAL;
+    if (fd < 0)
+        return -EBADF;
+    st = fl_tcp_state(fd);
+    if (st < 0)
+        return st;
+    if (st == TCP_LISTEN)
+        return -EOPNOTSUPP;
+    if (st == TCP_SYN_SENT || st == TCP_CLOSE)
+        return -ENOTCONN;
+    if (lookup(hb, fd) != NIL)
+        return -EEXIST;
+    r = grow_fdmap(hb, fd);
+    if (r < 0)
+        return r;
+    if (hb->free_head == NIL) {
+        r = grow_conns(hb, hb->cap * 2);
+        if (r < 0)
+            return r;
+    }
+    i = hb->free_head;
+    c = &hb->c[i];
+    memset(&ev, 0, sizeof ev);
+    ev.events = (flags & FL_HB_SHARED) ? EPOLLRDHUP : (EPOLLIN | EPOLLRDHUP);
+    ev.data.u64 = ((uint64_t)(c->gen + 1) << 32) | (uint32_t)i;
+    if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
+        return -errno;
+    hb->free_head = c->next;
+    now = now_us();
+    c->gen++;
+    c->fd = fd;
+    c->flags = flags;
+    c->state = C_LIVE;
+    c->misses = misses;
+    c->next = c->prev = NIL;
+    c->slot = -1;
+    c->interval_us = (int64_t)interval_ms * 1000;
+    c->last_heard_us = now;
+    c->ping_sent_us = 0;
+    c->seq = c->ping_seq = 0;
+    c->rxlen = c->txlen = 0;
+    hb->fdmap[fd] = i;
+    hb->nconn++;
+    wheel_schedule(hb, i, now + c->interval_us);
+    return 0;
+}
+
+int fl_hb_remove(struct fl_hb *hb, int fd)
+{
+    int32_t i;
+
+    if (!hb)
+        return -EINVAL;
+    i = lookup(hb, fd);
+    if (i == NIL)
+        return -ENOENT;
+    if (hb->c[i].state == C_LIVE) {
+        epoll_ctl(hb->epfd, EPOLL_CTL_DEL, fd, NULL);
+        wheel_unlink(hb, i);
+        conn_free(hb, i);
+    } else {
+        /* a death not yet reported: drop it when the queue is drained */
+        hb->c[i].state = C_GONE;
+        hb->fdmap[fd] = NIL;
+    }
+    return 0;
+}
+
+void fl_hb_get_stats(struct fl_hb *hb, struct fl_hb_stats *out)
+{
+    *out = hb->st;
+    out->conns = hb->nconn;
+}
