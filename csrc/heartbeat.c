@@ -66,6 +66,7 @@ struct conn {
     int64_t ping_sent_us;       /* 0: no PING outstanding */
     uint16_t seq, ping_seq;
     uint8_t rxlen, txlen;
+    uint8_t collided;           /* both ends pinged in the same round */
     uint8_t rx[FRAME_MAX];      /* a frame split across reads */
     uint8_t tx[FL_HB_HEADER_LEN * 2]; /* rest of a partly sent frame */
     struct fl_verdict death;
@@ -86,6 +87,7 @@ struct fl_hb {
     uint64_t bits[NSLOTS / 64];
     struct fl_hb_event rtt[RTT_RING];
     int rtt_head, rtt_len;
+    uint64_t rng;
     struct fl_hb_stats st;
 };
 
@@ -348,6 +350,13 @@ static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, i
 
     hb->st.frames_received++;
     if (f->type == FL_HB_PING) {
+        /* The peer pings too and we pinged within the last half interval:
+         * both ends run the same schedule in step.  One PING per round is
+         * enough (each end's PING is life for the other), so the next PING
+         * of this end is pushed back by a random part of a quarter interval;
+         * the end that comes first then keeps the other one quiet. */
+        if (c->ping_sent_us && now - c->ping_sent_us < c->interval_us / 2)
+            c->collided = 1;
         r = send_frame(c, FL_HB_PONG, f->seq);
         if (r < 0)
             die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
@@ -541,6 +550,13 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
             hb->st.pings_skipped++;
         }
         next = now + c->interval_us;
+        if (c->collided && c->interval_us >= 4) {
+            hb->rng ^= hb->rng << 13;
+            hb->rng ^= hb->rng >> 7;
+            hb->rng ^= hb->rng << 17;
+            next += (int64_t)(hb->rng % (uint64_t)(c->interval_us / 4));
+            c->collided = 0;
+        }
         if (next > c->last_heard_us + limit)
             next = c->last_heard_us + limit;
     } else {
@@ -733,6 +749,7 @@ int fl_hb_new(int tick_ms, int capacity, struct fl_hb **out)
     hb->st.tick_us = hb->tick_us;
     hb->cur_tick = now_us() / hb->tick_us;
     hb->armed_tick = -2;
+    hb->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)now_us() ^ ((uint64_t)getpid() << 32);
     hb->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (hb->epfd < 0)
         goto fail_errno;
@@ -826,9 +843,11 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     c->ping_sent_us = 0;
     c->seq = c->ping_seq = 0;
     c->rxlen = c->txlen = 0;
+    c->collided = 0;
     hb->fdmap[fd] = i;
     hb->nconn++;
     wheel_schedule(hb, i, now + c->interval_us);
+    (void)arm_timer(hb);    /* fileno() must wake an outside loop in time */
     return 0;
 }
 
