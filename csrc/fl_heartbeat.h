@@ -106,3 +106,4 @@ int  fl_hb_remove(struct fl_hb *hb, int fd);
  * returns the number of events written or -errno. */
 int  fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int max);
 void fl_hb_get_stats(struct fl_hb *hb, struct fl_hb_stats *out);
+void fl_hb_reset_stats(struct fl_hb *hb);    /* counters to 0 (conns stays) */

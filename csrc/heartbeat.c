@@ -877,3 +877,9 @@ void fl_hb_get_stats(struct fl_hb *hb, struct fl_hb_stats *out)
     *out = hb->st;
     out->conns = hb->nconn;
 }
+
+void fl_hb_reset_stats(struct fl_hb *hb)
+{
+    memset(&hb->st, 0, sizeof hb->st);
+    hb->st.tick_us = hb->tick_us;
+}

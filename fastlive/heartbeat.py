@@ -313,6 +313,10 @@ class HeartbeatEngine:
             (st.late_sum_us / st.late_count / 1e6) if st.late_count else 0.0,
             st.tick_us / 1e6)
 
+    def reset_stats(self) -> None:
+        """Zero the counters of :meth:`stats` (for measuring a window)."""
+        lib.fl_hb_reset_stats(self._live())
+
     def close(self) -> None:
         """Release the engine (the sockets stay open)."""
         with self._lock:

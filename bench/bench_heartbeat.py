@@ -1,0 +1,582 @@
+#!/usr/bin/env python3
+"""Heartbeat cost on many idle (and busy) connections, side by side.
+
+For N connections and a 1 s interval it measures the CPU (user + sys,
+getrusage of the pinging process over a fixed window) of four pinging
+sides, each against a fresh C peer process that answers PINGs:
+
+* ``engine``  - fastlive.heartbeat.HeartbeatEngine (C: epoll + timing wheel)
+* ``asyncio`` - asyncio written the common way: streams, a task per
+  connection (sleep, write, drain, read the PONG)
+* ``pyepoll`` - the best plain-Python design: one epoll loop, one timer
+  for everybody, idle-only bookkeeping in lists indexed by fd
+* ``floor``   - the same 5-byte sends and receives in a plain C loop
+  (compiled here with gcc): one burst of sends per interval, one recv per
+  PONG, nothing else
+
+and then ``engine-busy``: the engine on N connections the peer keeps
+sending application data on (shared mode), where idle-only pinging sends
+(almost) nothing.
+
+Tick lateness: how long after its due time a PING was actually sent (for the
+engine: after the tick boundary its deadline rounds up to; the tick is
+10 ms).  ``--quick`` runs 200 connections for a few seconds (the test
+suite runs it); the full run takes about two minutes.
+
+Peers run in helper processes (RLIMIT_NOFILE is 20000 per process), each
+on its own loopback address so ports in TIME_WAIT never collide.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PING_SEQ1 = bytes([0xFB, 0x11, 0x00, 0x01, 0x00])
+
+# --------------------------------------------------------------------------
+# The C side: "peer" answers PINGs (and in busy mode sends app data);
+# "floor" is the plain C pinging loop.
+C_SRC = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static double cpu_s(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6
+         + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+}
+
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+#define MAXFD 40000
+static uint8_t rx[MAXFD][8];
+static uint8_t rxlen[MAXFD];
+static uint8_t live[MAXFD];
+
+/* peer IP BUSY_MS LIFETIME_S: listen on IP:0, print the port, answer PINGs
+ * with PONGs; every BUSY_MS (0 = never) send 16 bytes to every connection. */
+static int peer(const char *ip, int busy_ms, int lifetime)
+{
+    struct sockaddr_in a;
+    socklen_t al = sizeof a;
+    struct epoll_event ev, evs[512];
+    int lfd, ep, one = 1, n, k, nconn = 0, hi = 0;
+    int64_t end = now_us() + (int64_t)lifetime * 1000000, next_busy = 0;
+    static const uint8_t app[16] = "application-data";
+    uint64_t pongs = 0;
+
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    lfd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 4096) < 0) {
+        perror("peer listen");
+        return 1;
+    }
+    getsockname(lfd, (struct sockaddr *)&a, &al);
+    printf("%d\n", ntohs(a.sin_port));
+    fflush(stdout);
+    ep = epoll_create1(0);
+    ev.events = EPOLLIN;
+    ev.data.fd = lfd;
+    epoll_ctl(ep, EPOLL_CTL_ADD, lfd, &ev);
+    ev.data.fd = 0;                     /* stdin closes when the bench dies */
+    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
+    if (busy_ms)
+        next_busy = now_us() + busy_ms * 1000;
+    while (now_us() < end) {
+        int timeout = 200;
+        if (busy_ms) {
+            int64_t left = (next_busy - now_us()) / 1000;
+            timeout = left < 0 ? 0 : (int)left;
+        }
+        n = epoll_wait(ep, evs, 512, timeout);
+        for (k = 0; k < n; k++) {
+            int fd = evs[k].data.fd;
+            if (fd == 0)
+                return 0;
+            if (fd == lfd) {
+                for (int j = 0; j < 256; j++) {
+                    int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK);
+                    if (c < 0)
+                        break;
+                    if (c >= MAXFD) { close(c); continue; }
+                    ev.events = EPOLLIN;
+                    ev.data.fd = c;
+                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+                    rxlen[c] = 0;
+                    live[c] = 1;
+                    nconn++;
+                    if (c > hi) hi = c;
+                }
+                continue;
+            }
+            {
+                uint8_t buf[4096], out[4096];
+                size_t o = 0;
+                ssize_t r = recv(fd, buf, sizeof buf, 0);
+                if (r <= 0) {
+                    if (r < 0 && errno == EAGAIN)
+                        continue;
+                    close(fd);
+                    live[fd] = 0;
+                    nconn--;
+                    continue;
+                }
+                for (ssize_t i = 0; i < r; i++) {
+                    rx[fd][rxlen[fd]++] = buf[i];
+                    if (rxlen[fd] == 5) {
+                        if (rx[fd][0] == 0xFB && (rx[fd][1] & 0x0f) == 1
+                            && o + 5 <= sizeof out) {
+                            memcpy(out + o, rx[fd], 5);
+                            out[o + 1] = (uint8_t)((rx[fd][1] & 0xf0) | 2);
+                            o += 5;
+                            pongs++;
+                        }
+                        rxlen[fd] = 0;
+                    }
+                }
+                if (o)
+                    send(fd, out, o, MSG_NOSIGNAL | MSG_DONTWAIT);
+            }
+        }
+        if (busy_ms && now_us() >= next_busy) {
+            for (int fd = 0; fd <= hi; fd++)
+                if (live[fd])
+                    send(fd, app, sizeof app, MSG_NOSIGNAL | MSG_DONTWAIT);
+            next_busy += busy_ms * 1000;
+        }
+    }
+    (void)pongs;
+    return 0;
+}
+
+/* floor IP PORT N INTERVAL_MS WARMUP_S SECONDS: N connections, one burst
+ * of 5-byte PINGs per interval, one recv per readable connection. */
+static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
+                      double warmup, double seconds)
+{
+    struct sockaddr_in a;
+    struct epoll_event ev, evs[512];
+    int *fds = calloc((size_t)nconn, sizeof *fds);
+    int ep = epoll_create1(0), i, n, k;
+    uint8_t ping[5] = {0xFB, 0x11, 0, 1, 0};
+    int64_t t0, start, stop, tick, interval = (int64_t)interval_ms * 1000, w0 = 0, w1;
+    double cpu0 = 0, cpu1 = 0;
+    uint64_t pings = 0, pongs = 0, late_n = 0, tick_n = 0;
+    int64_t late_max = 0, late_sum = 0;
+    int measuring = 0;
+
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    for (i = 0; i < nconn; i++) {
+        int one = 1;
+        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+        if (fds[i] < 0 || connect(fds[i], (struct sockaddr *)&a, sizeof a) < 0) {
+            perror("floor connect");
+            return 1;
+        }
+        setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        fcntl(fds[i], F_SETFL, O_NONBLOCK);
+        ev.events = EPOLLIN;
+        ev.data.fd = fds[i];
+        epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
+    }
+    t0 = now_us();
+    start = t0 + (int64_t)(warmup * 1e6);
+    stop = start + (int64_t)(seconds * 1e6);
+    tick = t0 + interval;
+    for (;;) {
+        int64_t now = now_us(), left;
+        if (!measuring && now >= start) {
+            cpu0 = cpu_s();
+            w0 = now;
+            measuring = 1;
+            pings = pongs = late_n = tick_n = 0;
+            late_max = late_sum = 0;
+        }
+        if (now >= stop)
+            break;
+        if (now >= tick) {
+            for (i = 0; i < nconn; i++) {
+                int64_t late = now_us() - tick;
+                if (send(fds[i], ping, 5, MSG_NOSIGNAL | MSG_DONTWAIT) == 5)
+                    pings++;
+                if (late > late_max) late_max = late;
+                late_sum += late;
+                late_n++;
+            }
+            tick += interval;
+            tick_n++;
+        }
+        {
+            int64_t wake = measuring ? stop : start;
+            left = (tick < wake ? tick : wake) - now_us();
+        }
+        n = epoll_wait(ep, evs, 512, left > 0 ? (int)((left + 999) / 1000) : 0);
+        for (k = 0; k < n; k++) {
+            uint8_t buf[64];
+            if (recv(evs[k].data.fd, buf, sizeof buf, MSG_DONTWAIT) > 0)
+                pongs++;
+        }
+    }
+    cpu1 = cpu_s();
+    w1 = now_us();
+    printf("{\"cpu\": %.6f, \"pings\": %llu, \"pongs\": %llu, \"late_max\": %.6f, "
+           "\"late_mean\": %.6f, \"window\": %.3f}\n",
+           cpu1 - cpu0, (unsigned long long)pings, (unsigned long long)pongs,
+           late_max / 1e6, late_n ? late_sum / 1e6 / late_n : 0.0, (w1 - w0) / 1e6);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    signal(SIGPIPE, SIG_IGN);
+    raise_nofile();
+    if (argc == 5 && !strcmp(argv[1], "peer"))
+        return peer(argv[2], atoi(argv[3]), atoi(argv[4]));
+    if (argc == 8 && !strcmp(argv[1], "floor"))
+        return floor_loop(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]),
+                          atof(argv[6]), atof(argv[7]));
+    fprintf(stderr, "usage: peer IP BUSY_MS LIFETIME | floor IP PORT N INTERVAL_MS WARMUP SECONDS\n");
+    return 2;
+}
+"""
+
+
+def build_c(tmp: Path) -> Path:
+    src = tmp / "hbbench.c"
+    exe = tmp / "hbbench"
+    src.write_text(C_SRC)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(src)], check=True)
+    return exe
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_now() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def connect_all(host: str, port: int, n: int) -> List[socket.socket]:
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((host, port), timeout=10)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setblocking(False)
+        socks.append(s)
+    return socks
+
+
+# --------------------------------------------------------------------------
+# Pinging sides (each runs in its own process: --role)
+
+def role_engine(a: argparse.Namespace) -> Dict[str, Any]:
+    sys.path.insert(0, str(ROOT))
+    from fastlive.heartbeat import HeartbeatEngine
+
+    socks = connect_all(a.host, a.port, a.n)
+    eng = HeartbeatEngine(tick=0.01, capacity=a.n)
+    for s in socks:
+        eng.add(s, a.interval, 3, shared=a.shared)
+    t0 = time.monotonic()
+    deaths = 0
+    while time.monotonic() < t0 + a.warmup:
+        deaths += len(eng.wait(max(0.0, t0 + a.warmup - time.monotonic())))
+    eng.reset_stats()
+    c0, w0 = cpu_now(), time.monotonic()
+    end = w0 + a.seconds
+    while time.monotonic() < end:
+        deaths += len(eng.wait(max(0.0, end - time.monotonic())))
+    c1, w1 = cpu_now(), time.monotonic()
+    st = eng.stats()
+    eng.close()
+    for s in socks:
+        s.close()
+    return {"cpu": c1 - c0, "window": w1 - w0, "pings": st.pings_sent,
+            "pongs": st.pongs_received, "late_max": st.late_max, "late_mean": st.late_mean,
+            "deaths": deaths, "timer_fires": st.timer_fires, "wakeups": st.wakeups,
+            "skipped": st.pings_skipped}
+
+
+def role_pyepoll(a: argparse.Namespace) -> Dict[str, Any]:
+    """One epoll loop; every connection on one schedule; idle-only."""
+    socks = connect_all(a.host, a.port, a.n)
+    ep = select.epoll()
+    by_fd: Dict[int, socket.socket] = {}
+    top = max(s.fileno() for s in socks) + 1
+    last = [0.0] * top
+    now = time.monotonic()
+    for s in socks:
+        ep.register(s.fileno(), select.EPOLLIN)
+        by_fd[s.fileno()] = s
+        last[s.fileno()] = now
+    interval = a.interval
+    ping = PING_SEQ1
+    flags = socket.MSG_DONTWAIT
+    pings = pongs = 0
+    late_max = late_sum = 0.0
+    late_n = 0
+    t0 = time.monotonic()
+    start, stop = t0 + a.warmup, t0 + a.warmup + a.seconds
+    tick = t0 + interval
+    measuring = False
+    c0 = w0 = 0.0
+    mono = time.monotonic
+    while True:
+        now = mono()
+        if not measuring and now >= start:
+            c0, w0, measuring = cpu_now(), now, True
+            pings = pongs = late_n = 0
+            late_max = late_sum = 0.0
+        if now >= stop:
+            break
+        if now >= tick:
+            due = tick - interval + 0.01        # silent for an interval (to a tick)
+            for fd, s in by_fd.items():
+                if last[fd] <= due:
+                    s.send(ping, flags)
+                    pings += 1
+                    late = mono() - tick
+                    late_sum += late
+                    late_n += 1
+                    if late > late_max:
+                        late_max = late
+            tick += interval
+        wake = min(tick, stop) if measuring else min(tick, start)
+        for fd, _ev in ep.poll(max(0.0, wake - mono())):
+            if by_fd[fd].recv(64, flags):
+                pongs += 1
+                last[fd] = mono()
+    c1, w1 = cpu_now(), mono()
+    ep.close()
+    for s in socks:
+        s.close()
+    return {"cpu": c1 - c0, "window": w1 - w0, "pings": pings, "pongs": pongs,
+            "late_max": late_max, "late_mean": late_sum / late_n if late_n else 0.0}
+
+
+def role_asyncio(a: argparse.Namespace) -> Dict[str, Any]:
+    """Streams and a task per connection: the way it is usually written."""
+    res: Dict[str, Any] = {}
+
+    async def conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   stats: Dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        due = loop.time() + a.interval
+        while True:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            late = loop.time() - due
+            writer.write(PING_SEQ1)
+            await writer.drain()
+            stats["pings"] += 1
+            stats["late_sum"] += late
+            stats["late_n"] += 1
+            if late > stats["late_max"]:
+                stats["late_max"] = late
+            data = await asyncio.wait_for(reader.read(64), timeout=3 * a.interval)
+            if not data:
+                return
+            stats["pongs"] += 1
+            due += a.interval
+
+    async def main() -> None:
+        stats = {"pings": 0, "pongs": 0, "late_sum": 0.0, "late_n": 0, "late_max": 0.0}
+        streams = []
+        for _ in range(a.n):
+            r, w = await asyncio.open_connection(a.host, a.port)
+            streams.append((r, w))
+        tasks = [asyncio.create_task(conn(r, w, stats)) for r, w in streams]
+        await asyncio.sleep(a.warmup)
+        for k in stats:
+            stats[k] = 0 if isinstance(stats[k], int) else 0.0
+        c0, w0 = cpu_now(), time.monotonic()
+        await asyncio.sleep(a.seconds)
+        c1, w1 = cpu_now(), time.monotonic()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _, w in streams:
+            w.close()
+        res.update(cpu=c1 - c0, window=w1 - w0, pings=stats["pings"], pongs=stats["pongs"],
+                   late_max=stats["late_max"],
+                   late_mean=stats["late_sum"] / stats["late_n"] if stats["late_n"] else 0.0)
+
+    asyncio.run(main())
+    return res
+
+
+ROLES = {"engine": role_engine, "pyepoll": role_pyepoll, "asyncio": role_asyncio}
+
+
+# --------------------------------------------------------------------------
+# Orchestration
+
+class Peer:
+    def __init__(self, exe: Path, ip: str, busy_ms: int, lifetime: int) -> None:
+        self.proc = subprocess.Popen([str(exe), "peer", ip, str(busy_ms), str(lifetime)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line.strip():
+            self.close()
+            raise RuntimeError("peer did not start")
+        self.port = int(line)
+        self.ip = ip
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f:
+                f.close()
+
+
+def loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+    except OSError:
+        return "?"
+
+
+def run_case(name: str, exe: Path, ip: str, a: argparse.Namespace,
+             busy_ms: int = 0) -> Dict[str, Any]:
+    budget = int(a.warmup + a.seconds + 120)
+    peer = Peer(exe, ip, busy_ms, budget)
+    try:
+        if name == "floor":
+            cmd = [str(exe), "floor", ip, str(peer.port), str(a.n),
+                   str(int(a.interval * 1000)), str(a.warmup), str(a.seconds)]
+        else:
+            role = "engine" if name.startswith("engine") else name
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role,
+                   "--host", ip, "--port", str(peer.port), "--n", str(a.n),
+                   "--interval", str(a.interval), "--warmup", str(a.warmup),
+                   "--seconds", str(a.seconds)]
+            if busy_ms:
+                cmd.append("--shared")
+        out = subprocess.run(cmd, capture_output=True, timeout=budget, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{name} failed: {out.stderr.decode()[-2000:]}")
+        res = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    finally:
+        peer.close()
+    res["name"] = name
+    res["cpu_pct"] = 100.0 * res["cpu"] / res["window"]
+    res["us_per_ping"] = 1e6 * res["cpu"] / res["pings"] if res["pings"] else None
+    return res
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="200 connections, short windows")
+    ap.add_argument("--n", type=int, default=None, help="connections (default 10000)")
+    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--seconds", type=float, default=None, help="measured window")
+    ap.add_argument("--warmup", type=float, default=None)
+    ap.add_argument("--cases", default="floor,engine,pyepoll,asyncio,engine-busy")
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    # internal: one pinging side
+    ap.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
+    ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    raise_nofile()
+    if a.n is None:
+        a.n = 200 if a.quick else 10000
+    if a.seconds is None:
+        a.seconds = 2.0 if a.quick else 10.0
+    if a.warmup is None:
+        a.warmup = 1.5 if a.quick else 3.0
+    if a.role:
+        print(json.dumps(ROLES[a.role](a)))
+        return 0
+
+    if not shutil.which("gcc"):
+        print("gcc is needed for the floor and the peer", file=sys.stderr)
+        return 2
+    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
+    print(f"# {a.n} connections, interval {a.interval:g} s, window {a.seconds:g} s "
+          f"(warmup {a.warmup:g} s), {os.cpu_count()} CPUs, load {loadavg()}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fl-hb-bench-") as tmp:
+        exe = build_c(Path(tmp))
+        for k, name in enumerate(cases):
+            ip = f"127.0.{os.getpid() % 200 + 1}.{k + 2}"
+            busy = 500 if name == "engine-busy" else 0
+            res = run_case(name, exe, ip, a, busy)
+            results.append(res)
+            print(f"  {name:12s} cpu {res['cpu_pct']:6.2f}% of a core  "
+                  f"{res['pings'] / res['window']:8.0f} pings/s  "
+                  + (f"{res['us_per_ping']:6.2f} us/ping  " if res["us_per_ping"] else
+                     "     - us/ping  ")
+                  + f"late max {1000 * res['late_max']:7.1f} ms mean {1000 * res['late_mean']:6.2f} ms",
+                  flush=True)
+    floor = next((r for r in results if r["name"] == "floor"), None)
+    if floor and floor["cpu"] > 0:
+        print("# CPU relative to the floor (per second of wall time):")
+        for r in results:
+            print(f"  {r['name']:12s} {r['cpu'] / r['window'] / (floor['cpu'] / floor['window']):6.2f}x")
+    print(f"# load after: {loadavg()}")
+    if a.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The heartbeat benchmark runs (quick mode); it prints numbers, asserts
+no speed."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_heartbeat.py"
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="the bench compiles its floor with gcc")
+def test_quick_bench_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--n", "50", "--seconds", "1",
+         "--warmup", "1.2", "--json"],
+        capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    results = json.loads(text[text.index("\n[") + 1:])
+    by = {r["name"]: r for r in results}
+    assert set(by) == {"floor", "engine", "pyepoll", "asyncio", "engine-busy"}
+    for name in ("floor", "engine", "pyepoll", "asyncio"):
+        r = by[name]
+        assert r["pings"] >= 50, r          # one round of PINGs in the window
+        assert r["pongs"] >= r["pings"] - 50, r
+        assert r["cpu"] >= 0 and r["window"] > 0.5
+    # busy connections: data every 0.5 s is life, so no PING goes out
+    assert by["engine-busy"]["pings"] == 0, by["engine-busy"]
+    assert by["engine-busy"].get("deaths", 0) == 0
