@@ -79,6 +79,7 @@ struct fl_hb_stats {
     uint64_t bytes_received;
     uint64_t timer_fires;       /* connections whose deadline came due */
     uint64_t wakeups;           /* epoll_wait returns */
+    uint64_t coalesced;         /* sleeps to a due tick instead of epoll_wait */
     uint64_t deaths;
     uint64_t rtt_dropped;       /* samples lost because the queue was full */
     int64_t late_max_us;        /* tick boundary -> handled (a deadline waits

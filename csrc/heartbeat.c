@@ -60,10 +60,13 @@ struct conn {
     int32_t next, prev;         /* wheel list, free list, dead list */
     int slot;                   /* wheel slot, -1 when not in the wheel */
     int64_t interval_us;
-    int64_t last_heard_us;
+    int64_t last_heard_us;      /* anything at all arrived (death clock) */
+    int64_t quiet_since_us;     /* PING clock: the peer's own traffic, or
+                                   the send time of our last answered PING */
     int64_t deadline_us;
     int64_t deadline_tick;
     int64_t ping_sent_us;       /* 0: no PING outstanding */
+    int64_t ping_due_us;        /* when that PING was due */
     uint16_t seq, ping_seq;
     uint8_t rxlen, txlen;
     uint8_t collided;           /* both ends pinged in the same round */
@@ -357,6 +360,7 @@ static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, i
          * the end that comes first then keeps the other one quiet. */
         if (c->ping_sent_us && now - c->ping_sent_us < c->interval_us / 2)
             c->collided = 1;
+        c->quiet_since_us = now;
         r = send_frame(c, FL_HB_PONG, f->seq);
         if (r < 0)
             die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
@@ -365,6 +369,11 @@ static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, i
     } else {
         hb->st.pongs_received++;
         if (c->ping_sent_us && f->seq == c->ping_seq) {
+            /* The answer to our PING: the PING clock restarts at the time
+             * the PING left, so one PING goes out per interval, not per
+             * interval + round trip. */
+            if (c->ping_due_us > c->quiet_since_us)
+                c->quiet_since_us = c->ping_due_us;
             if (c->flags & FL_HB_RTT)
                 push_rtt(hb, c->fd, now - c->ping_sent_us);
             c->ping_sent_us = 0;
@@ -497,7 +506,7 @@ static void on_shared_event(struct fl_hb *hb, int32_t i, uint32_t ev, int64_t no
 static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
 {
     struct conn *c = &hb->c[i];
-    int64_t silence, limit = c->interval_us * c->misses, next, late;
+    int64_t silence, quiet, limit = c->interval_us * c->misses, next, late;
     int r;
 
     hb->st.timer_fires++;
@@ -518,6 +527,7 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
         if (now - silence > c->last_heard_us)
             c->last_heard_us = now - silence;
         silence = now - c->last_heard_us;
+        c->quiet_since_us = c->last_heard_us;   /* the kernel can't tell PONGs apart */
     } else {
         silence = now - c->last_heard_us;
     }
@@ -525,10 +535,12 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
         conn_die(hb, i, FL_TIMED_OUT, ETIMEDOUT, FL_M_HEARTBEAT, silence);
         return;
     }
-    /* Within a tick of an interval counts as an interval: a PONG that came
-     * back a few microseconds after the last PING must not cost a second
-     * wakeup before the next one. */
-    if (silence + hb->tick_us >= c->interval_us) {
+    quiet = now - c->quiet_since_us;
+    if (quiet >= c->interval_us) {
+        /* The PING is due at its deadline, not when the tick got to it:
+         * the next one is due an interval later, so tick rounding and
+         * lateness do not stretch the period. */
+        int64_t due = now - c->deadline_us < c->interval_us ? c->deadline_us : now;
         int may = 1;
         if (c->flags & FL_HB_SHARED) {
             int queued = 0;
@@ -545,11 +557,12 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
             c->seq++;
             c->ping_seq = c->seq;
             c->ping_sent_us = now;
+            c->ping_due_us = due;
             hb->st.pings_sent++;
         } else {
             hb->st.pings_skipped++;
         }
-        next = now + c->interval_us;
+        next = due + c->interval_us;
         if (c->collided && c->interval_us >= 4) {
             hb->rng ^= hb->rng << 13;
             hb->rng ^= hb->rng >> 7;
@@ -560,7 +573,7 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
         if (next > c->last_heard_us + limit)
             next = c->last_heard_us + limit;
     } else {
-        next = c->last_heard_us + c->interval_us;
+        next = now - quiet + c->interval_us;
     }
     wheel_schedule(hb, i, next);
 }
@@ -621,7 +634,7 @@ int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int ma
 {
     struct epoll_event evs[MAX_EVENTS];
     int64_t now = now_us(), deadline;
-    int n = 0, deaths = 0, passes = 0;
+    int n = 0, deaths = 0, passes = 0, full = 0;
 
     if (!hb || max < 0 || (max > 0 && !out) || timeout_ms < 0)
         return -EINVAL;
@@ -636,8 +649,28 @@ int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int ma
         r = arm_timer(hb);
         if (r < 0)
             return n ? n : r;
-        left = deadline - now_us();
+        now = now_us();
+        left = deadline - now;
         wait_ms = left > 0 ? (int)((left + 999) / 1000) : 0;
+        if (wait_ms > 0 && hb->armed_tick >= 0 && !full) {
+            /* Coalescing: when deadlines are due within the next tick anyway,
+             * sleep to that tick and harvest everything that became ready
+             * meanwhile in one pass, instead of waking for each PONG as it
+             * trickles in.  Costs at most one tick of latency, and only
+             * while the engine is busy. */
+            int64_t at = hb->armed_tick * hb->tick_us;
+            if (at - now <= hb->tick_us) {
+                struct timespec ts;
+                if (at > deadline)
+                    at = deadline;
+                ts.tv_sec = (time_t)(at / 1000000);
+                ts.tv_nsec = (long)(at % 1000000) * 1000;
+                if (at > now)
+                    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+                hb->st.coalesced++;
+                wait_ms = 0;
+            }
+        }
         r = epoll_wait(hb->epfd, evs, MAX_EVENTS, wait_ms);
         if (r < 0) {
             if (errno == EINTR) {
@@ -671,9 +704,11 @@ int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int ma
                 on_readable(hb, i, now);
         }
         run_timers(hb, now);
-        passes++;
-        if (r == MAX_EVENTS && passes < MAX_PASSES)
+        full = r == MAX_EVENTS;
+        passes = full ? passes + 1 : 0;
+        if (full && passes < MAX_PASSES)
             continue;                   /* more may be ready: no sleeping */
+        full = 0;
         if (now >= deadline) {
             n += drain(hb, out + n, max - n, &deaths);
             (void)arm_timer(hb);
@@ -839,8 +874,8 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     c->next = c->prev = NIL;
     c->slot = -1;
     c->interval_us = (int64_t)interval_ms * 1000;
-    c->last_heard_us = now;
-    c->ping_sent_us = 0;
+    c->last_heard_us = c->quiet_since_us = now;
+    c->ping_sent_us = c->ping_due_us = 0;
     c->seq = c->ping_seq = 0;
     c->rxlen = c->txlen = 0;
     c->collided = 0;

@@ -57,3 +57,7 @@ __all__ = [
     "detection_time", "detect_within", "plan_within", "retransmit_timeout",
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
 ]
+
+from .heartbeat import Death, HeartbeatEngine, PyHeartbeatPeer, RttSample  # noqa: E402
+
+__all__ += ["HeartbeatEngine", "PyHeartbeatPeer", "Death", "RttSample"]

@@ -194,6 +194,7 @@ class EngineStats:
     bytes_received: int
     timer_fires: int
     wakeups: int
+    coalesced: int
     deaths: int
     rtt_dropped: int
     late_max: float          #: seconds, deadline -> handled (worst)
@@ -308,7 +309,7 @@ class HeartbeatEngine:
         return EngineStats(
             st.conns, st.pings_sent, st.pings_skipped, st.pongs_received,
             st.pings_answered, st.frames_received, st.bytes_received,
-            st.timer_fires, st.wakeups, st.deaths, st.rtt_dropped,
+            st.timer_fires, st.wakeups, st.coalesced, st.deaths, st.rtt_dropped,
             st.late_max_us / 1e6,
             (st.late_sum_us / st.late_count / 1e6) if st.late_count else 0.0,
             st.tick_us / 1e6)

@@ -340,8 +340,8 @@ def test_fin_and_rst_seen_at_once(engine: HeartbeatEngine, listener: socket.sock
 def test_killed_peer_process(engine: HeartbeatEngine, peer_process: PeerProcess) -> None:
     sock = peer_process.socks[0]
     engine.add(sock, 0.1, 3)
-    assert run_until(engine, 0.4) == []          # answered while alive
-    assert engine.stats().pongs_received >= 2
+    assert run_until(engine, 2.0, lambda d: bool(d) or engine.stats().pongs_received >= 2) == []
+    assert engine.stats().pongs_received >= 2    # answered while alive
     t0 = time.monotonic()
     peer_process.proc.kill()
     deaths = run_until(engine, 2.0, bool)
@@ -358,8 +358,8 @@ def test_frozen_peer_only_the_heartbeat_sees_it(engine: HeartbeatEngine,
     set_keepalive(sock, idle=1, interval=1, count=2)      # would fire at ~3 s
     interval, misses = 0.2, 3
     engine.add(sock, interval, misses)
-    assert run_until(engine, 0.5) == []
-    assert engine.stats().pongs_received >= 1
+    assert run_until(engine, 2.0, lambda d: bool(d) or engine.stats().pongs_received >= 2) == []
+    assert engine.stats().pongs_received >= 2
     segs_before = tcp_info(sock).segs_in
     os.kill(peer_process.proc.pid, signal.SIGSTOP)
     t0 = time.monotonic()
