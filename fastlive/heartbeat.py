@@ -215,8 +215,15 @@ class HeartbeatEngine:
     """Heartbeats for many TCP connections, run in C.
 
     ``wait(timeout)`` runs the engine (releasing the GIL) and returns the
-    connections found dead.  Use it from one thread; inside another event
-    loop, watch :meth:`fileno` for readability and call :meth:`poll`.
+    connections found dead.  The engine is locked while it runs: add() and
+    remove() from another thread wait for wait() to return (keep timeouts
+    short there).  Inside another event loop, watch :meth:`fileno` for
+    readability and call :meth:`poll`.
+
+    ``tick`` is the timer granularity: a deadline is served at the first
+    tick boundary at or after it, and while deadlines are due every tick
+    the engine sleeps to the boundary and harvests all readiness in one
+    pass (FIN/RST are then reported up to one tick later).
     """
 
     _BATCH = 256
@@ -280,13 +287,9 @@ class HeartbeatEngine:
         """Run for up to ``timeout`` seconds; return as soon as something
         died (every death found so far), or ``[]`` at the timeout."""
         ms = timeout_ms(timeout)
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("HeartbeatEngine is used from two threads at once")
-        try:
+        with self._lock:        # add()/remove() from other threads wait for it
             n = check_rc(lib.fl_hb_wait(self._live(), ms, self._out, self._BATCH))
             return self._collect(n)
-        finally:
-            self._lock.release()
 
     def poll(self) -> List[Death]:
         """One non-blocking pass (for use with :meth:`fileno`)."""
@@ -336,8 +339,8 @@ class HeartbeatEngine:
 # ---- plain-Python peer --------------------------------------------------
 
 class _PeerConn:
-    __slots__ = ("sock", "fd", "interval", "misses", "last_heard", "next_ping",
-                 "seq", "decoder")
+    __slots__ = ("sock", "fd", "interval", "misses", "last_heard", "quiet_since",
+                 "ping_due", "seq", "decoder")
 
     def __init__(self, sock: socket.socket, interval: Optional[float], misses: int,
                  now: float) -> None:
@@ -345,8 +348,9 @@ class _PeerConn:
         self.fd = sock.fileno()
         self.interval = interval
         self.misses = misses
-        self.last_heard = now
-        self.next_ping = 0.0
+        self.last_heard = now       # anything at all (the death clock)
+        self.quiet_since = now      # the PING clock (see HeartbeatEngine)
+        self.ping_due = 0.0
         self.seq = 0
         self.decoder = Decoder()
 
@@ -431,12 +435,15 @@ class PyHeartbeatPeer:
             return
         for f in frames:
             if f.type == FrameType.PING:
+                conn.quiet_since = now
                 self.pings_answered += 1
                 self._send(conn, pong_for(f), now)
                 if conn.fd not in self._conns:
                     return
             else:
                 self.pongs_received += 1
+                if f.seq == conn.seq and conn.ping_due > conn.quiet_since:
+                    conn.quiet_since = conn.ping_due
 
     def step(self, timeout: float) -> List[Death]:
         """One round: wait up to ``timeout`` seconds for data, read it, then
@@ -455,9 +462,9 @@ class PyHeartbeatPeer:
                 if silence >= conn.interval * conn.misses:
                     self._die(conn, Status.TIMED_OUT, _errno.ETIMEDOUT,
                               Method.HEARTBEAT, now)
-                elif silence >= conn.interval and now >= conn.next_ping:
+                elif now - conn.quiet_since >= conn.interval and now >= conn.ping_due + conn.interval:
                     conn.seq = (conn.seq + 1) & 0xFFFF
-                    conn.next_ping = now + conn.interval
+                    conn.ping_due = now
                     self.pings_sent += 1
                     self._send(conn, ping(conn.seq), now)
             deaths, self._deaths = self._deaths, []

@@ -248,7 +248,7 @@ def test_c_engine_pings_python_peer_answers(engine: HeartbeatEngine,
         finally:
             peer.close()
         st_ = engine.stats()
-        assert st_.pings_sent >= 4 and st_.pongs_received >= 4
+        assert st_.pings_sent >= 6 and st_.pongs_received >= 5   # one per interval
         assert 0 <= peer.pings_answered - st_.pongs_received <= 1   # one in flight
         assert engine.rtt and all(0 < s.rtt < 0.1 for s in engine.rtt)
 
