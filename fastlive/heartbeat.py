@@ -263,8 +263,13 @@ class HeartbeatEngine:
             self._socks[fd] = sock
 
     def remove(self, sock: SocketLike) -> bool:
-        """Stop watching; False if it was not watched."""
+        """Stop watching; False if it was not watched.  Call it before
+        closing the socket: a closed fd number can be reused by the next
+        socket, which the engine would then ping.  (A socket object that is
+        already closed is still found, by identity.)"""
         fd = fd_of(sock)
+        if fd < 0:
+            fd = next((k for k, v in self._socks.items() if v is sock), -1)
         with self._lock:
             rc = lib.fl_hb_remove(self._live(), fd)
             self._socks.pop(fd, None)
@@ -281,7 +286,7 @@ class HeartbeatEngine:
 
     def fileno(self) -> int:
         """The engine's epoll fd (readable when :meth:`poll` has work)."""
-        return lib.fl_hb_fileno(self._live())
+        return int(lib.fl_hb_fileno(self._live()))
 
     def wait(self, timeout: float) -> List[Death]:
         """Run for up to ``timeout`` seconds; return as soon as something
@@ -450,7 +455,7 @@ class PyHeartbeatPeer:
         ping the silent connections; returns the deaths found."""
         for key, _ in self._sel.select(timeout):
             with self._mutex:
-                conn = key.data
+                conn: _PeerConn = key.data
                 if self._conns.get(conn.fd) is conn:
                     self._read(conn, time.monotonic())
         now = time.monotonic()
