@@ -279,6 +279,96 @@ static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
     return 0;
 }
 
+/* floor-spread IP PORT N INTERVAL_MS WARMUP_S SECONDS: the same sends and
+ * receives on the engine's schedule.  Connection i is due at phase
+ * i * interval / N; every 10 ms tick: sleep to the boundary, harvest every
+ * PONG with epoll_wait(0), send the PINGs that are due.  No timer
+ * structure at all: the phases are fixed, so a cursor finds the due ones. */
+static int floor_spread(const char *ip, int port, int nconn, int interval_ms,
+                        double warmup, double seconds)
+{
+    struct sockaddr_in a;
+    struct epoll_event ev, evs[512];
+    int *fds = calloc((size_t)nconn, sizeof *fds);
+    int ep = epoll_create1(0), i, n, k, next = 0, measuring = 0;
+    uint8_t ping[5] = {0xFB, 0x11, 0, 1, 0};
+    const int64_t tick_us = 10000, interval = (int64_t)interval_ms * 1000;
+    int64_t t0, start, stop, cycle, boundary, w0 = 0, w1;
+    int64_t late_max = 0, late_sum = 0;
+    uint64_t pings = 0, pongs = 0, late_n = 0, wakeups = 0;
+    double cpu0 = 0, cpu1;
+
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)port);
+    inet_pton(AF_INET, ip, &a.sin_addr);
+    for (i = 0; i < nconn; i++) {
+        int one = 1;
+        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
+        if (fds[i] < 0 || connect(fds[i], (struct sockaddr *)&a, sizeof a) < 0) {
+            perror("floor connect");
+            return 1;
+        }
+        setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        fcntl(fds[i], F_SETFL, O_NONBLOCK);
+        ev.events = EPOLLIN;
+        ev.data.fd = fds[i];
+        epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
+    }
+    t0 = now_us();
+    start = t0 + (int64_t)(warmup * 1e6);
+    stop = start + (int64_t)(seconds * 1e6);
+    cycle = t0 + interval;
+    boundary = (t0 / tick_us + 1) * tick_us;
+    for (;;) {
+        struct timespec ts;
+        int64_t now;
+        ts.tv_sec = (time_t)(boundary / 1000000);
+        ts.tv_nsec = (long)(boundary % 1000000) * 1000;
+        clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
+        now = now_us();
+        if (!measuring && now >= start) {
+            cpu0 = cpu_s();
+            w0 = now;
+            measuring = 1;
+            pings = pongs = late_n = wakeups = 0;
+            late_max = late_sum = 0;
+        }
+        if (now >= stop)
+            break;
+        do {
+            n = epoll_wait(ep, evs, 512, 0);
+            wakeups++;
+            for (k = 0; k < n; k++) {
+                uint8_t buf[64];
+                if (recv(evs[k].data.fd, buf, sizeof buf, MSG_DONTWAIT) > 0)
+                    pongs++;
+            }
+        } while (n == 512);
+        while (cycle + (int64_t)next * interval / nconn <= now) {
+            int64_t late = now_us() - boundary;
+            if (send(fds[next], ping, 5, MSG_NOSIGNAL | MSG_DONTWAIT) == 5)
+                pings++;
+            if (late > late_max) late_max = late;
+            late_sum += late;
+            late_n++;
+            if (++next == nconn) {
+                next = 0;
+                cycle += interval;
+            }
+        }
+        boundary += tick_us;
+    }
+    cpu1 = cpu_s();
+    w1 = now_us();
+    printf("{\"cpu\": %.6f, \"pings\": %llu, \"pongs\": %llu, \"late_max\": %.6f, "
+           "\"late_mean\": %.6f, \"window\": %.3f, \"wakeups\": %llu}\n",
+           cpu1 - cpu0, (unsigned long long)pings, (unsigned long long)pongs,
+           late_max / 1e6, late_n ? late_sum / 1e6 / late_n : 0.0, (w1 - w0) / 1e6,
+           (unsigned long long)wakeups);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGPIPE, SIG_IGN);
@@ -288,6 +378,9 @@ int main(int argc, char **argv)
     if (argc == 8 && !strcmp(argv[1], "floor"))
         return floor_loop(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]),
                           atof(argv[6]), atof(argv[7]));
+    if (argc == 8 && !strcmp(argv[1], "floor-spread"))
+        return floor_spread(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]),
+                            atof(argv[6]), atof(argv[7]));
     fprintf(stderr, "usage: peer IP BUSY_MS LIFETIME | floor IP PORT N INTERVAL_MS WARMUP SECONDS\n");
     return 2;
 }
@@ -332,10 +425,17 @@ def role_engine(a: argparse.Namespace) -> Dict[str, Any]:
 
     socks = connect_all(a.host, a.port, a.n)
     eng = HeartbeatEngine(tick=0.01, capacity=a.n)
-    for s in socks:
-        eng.add(s, a.interval, 3, shared=a.shared)
-    t0 = time.monotonic()
     deaths = 0
+    # Connections come and go at all times on a real server, so their
+    # deadlines are spread over the interval: add them paced over one
+    # interval (with --burst, all at once, like the floor's single timer).
+    t_add = time.monotonic()
+    for k, s in enumerate(socks):
+        eng.add(s, a.interval, 3, shared=a.shared)
+        if not a.burst and k % 100 == 99:
+            deaths += len(eng.wait(max(0.0, t_add + a.interval * (k + 1) / a.n
+                                       - time.monotonic())))
+    t0 = time.monotonic()
     while time.monotonic() < t0 + a.warmup:
         deaths += len(eng.wait(max(0.0, t0 + a.warmup - time.monotonic())))
     eng.reset_stats()
@@ -504,8 +604,8 @@ def run_case(name: str, exe: Path, ip: str, a: argparse.Namespace,
     budget = int(a.warmup + a.seconds + 120)
     peer = Peer(exe, ip, busy_ms, budget)
     try:
-        if name == "floor":
-            cmd = [str(exe), "floor", ip, str(peer.port), str(a.n),
+        if name in ("floor", "floor-spread"):
+            cmd = [str(exe), name, ip, str(peer.port), str(a.n),
                    str(int(a.interval * 1000)), str(a.warmup), str(a.seconds)]
         else:
             role = "engine" if name.startswith("engine") else name
@@ -515,6 +615,8 @@ def run_case(name: str, exe: Path, ip: str, a: argparse.Namespace,
                    "--seconds", str(a.seconds)]
             if busy_ms:
                 cmd.append("--shared")
+            if name == "engine-burst":
+                cmd.append("--burst")
         out = subprocess.run(cmd, capture_output=True, timeout=budget, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"{name} failed: {out.stderr.decode()[-2000:]}")
@@ -534,13 +636,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--seconds", type=float, default=None, help="measured window")
     ap.add_argument("--warmup", type=float, default=None)
-    ap.add_argument("--cases", default="floor,engine,pyepoll,asyncio,engine-busy")
+    ap.add_argument("--cases",
+                    default="floor,floor-spread,engine,engine-burst,pyepoll,asyncio,engine-busy",
+                    help="comma-separated, from: floor, floor-spread, engine, engine-burst, "
+                         "pyepoll, asyncio, engine-busy")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of all cases (the summary takes medians)")
     # internal: one pinging side
     ap.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--burst", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     raise_nofile()
     if a.n is None:
@@ -558,31 +666,64 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
     print(f"# {a.n} connections, interval {a.interval:g} s, window {a.seconds:g} s "
-          f"(warmup {a.warmup:g} s), {os.cpu_count()} CPUs, load {loadavg()}", flush=True)
-    results = []
+          f"(warmup {a.warmup:g} s), {os.cpu_count()} CPUs, {a.repeat} round(s), "
+          f"load {loadavg()}", flush=True)
+    results: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fl-hb-bench-") as tmp:
         exe = build_c(Path(tmp))
-        for k, name in enumerate(cases):
-            ip = f"127.0.{os.getpid() % 200 + 1}.{k + 2}"
-            busy = 500 if name == "engine-busy" else 0
-            res = run_case(name, exe, ip, a, busy)
-            results.append(res)
-            print(f"  {name:12s} cpu {res['cpu_pct']:6.2f}% of a core  "
-                  f"{res['pings'] / res['window']:8.0f} pings/s  "
-                  + (f"{res['us_per_ping']:6.2f} us/ping  " if res["us_per_ping"] else
-                     "     - us/ping  ")
-                  + f"late max {1000 * res['late_max']:7.1f} ms mean {1000 * res['late_mean']:6.2f} ms"
-                  + (f"  {res['wakeups'] / res['window']:6.0f} wakeups/s" if "wakeups" in res else ""),
-                  flush=True)
-    floor = next((r for r in results if r["name"] == "floor"), None)
-    if floor and floor["cpu"] > 0:
-        print("# CPU relative to the floor (per second of wall time):")
-        for r in results:
-            print(f"  {r['name']:12s} {r['cpu'] / r['window'] / (floor['cpu'] / floor['window']):6.2f}x")
+        for rnd in range(a.repeat):
+            for k, name in enumerate(cases):
+                ip = f"127.{rnd + 1}.{os.getpid() % 200 + 1}.{k + 2}"
+                busy = 500 if name == "engine-busy" else 0
+                res = run_case(name, exe, ip, a, busy)
+                res["round"] = rnd
+                res["load"] = loadavg()
+                results.append(res)
+                print(f"  {name:12s} cpu {res['cpu_pct']:6.2f}% of a core  "
+                      f"{res['pings'] / res['window']:8.0f} pings/s  "
+                      + (f"{res['us_per_ping']:6.2f} us/ping  " if res["us_per_ping"] else
+                         "     - us/ping  ")
+                      + f"late max {1000 * res['late_max']:7.1f} ms "
+                        f"mean {1000 * res['late_mean']:6.2f} ms"
+                      + (f"  {res['wakeups'] / res['window']:6.0f} wakeups/s"
+                         if "wakeups" in res else ""),
+                      flush=True)
+    summary = summarize(results, cases)
+    print("# median over rounds: CPU % of a core; x floor (burst schedule); "
+          "x the floor with the same schedule")
+    for name, row in summary.items():
+        print(f"  {name:12s} {row['cpu_pct']:6.2f}%  {row['x_floor']:6.2f}x"
+              + (f"  {row['x_same']:6.2f}x ({row['same']})" if row.get("x_same") else ""))
     print(f"# load after: {loadavg()}")
     if a.json:
-        print(json.dumps(results, indent=1))
+        print(json.dumps({"results": results, "summary": summary}, indent=1))
     return 0
+
+
+SAME_SCHEDULE = {"engine": "floor-spread", "engine-busy": "floor-spread",
+                 "engine-burst": "floor", "pyepoll": "floor", "asyncio": "floor"}
+
+
+def summarize(results: List[Dict[str, Any]], cases: List[str]) -> Dict[str, Dict[str, Any]]:
+    def median(xs: List[float]) -> float:
+        xs = sorted(xs)
+        return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+    pct = {name: median([r["cpu_pct"] for r in results if r["name"] == name]) for name in cases}
+    out: Dict[str, Dict[str, Any]] = {}
+    for name in cases:
+        row: Dict[str, Any] = {"cpu_pct": pct[name]}
+        row["x_floor"] = pct[name] / pct["floor"] if pct.get("floor") else None
+        same = SAME_SCHEDULE.get(name)
+        if same and pct.get(same):
+            row["same"] = same
+            row["x_same"] = pct[name] / pct[same]
+        runs = [r for r in results if r["name"] == name]
+        row["late_max_ms"] = max(1000 * r["late_max"] for r in runs)
+        row["late_mean_ms"] = median([1000 * r["late_mean"] for r in runs])
+        row["pings_per_s"] = median([r["pings"] / r["window"] for r in runs])
+        out[name] = row
+    return out
 
 
 if __name__ == "__main__":
