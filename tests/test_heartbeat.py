@@ -494,3 +494,44 @@ def test_shared_silent_peer_times_out(engine: HeartbeatEngine,
         assert len(deaths) == 1 and deaths[0].verdict.status is Status.TIMED_OUT
         assert 0.25 <= time.monotonic() - t0 <= 0.3 + 0.2
         assert engine.stats().pings_sent == 2          # at 1 and 2 intervals
+
+
+def test_mass_death_more_than_one_batch(listener: socket.socket) -> None:
+    """More deaths at once than one wait() can return: none is lost, each
+    is reported once, and a socket removed before its death was reported
+    is not reported."""
+    n = 300
+    eng = HeartbeatEngine(tick=0.01)
+    pairs = [pair(listener) for _ in range(n)]
+    try:
+        for cli, _ in pairs:
+            eng.add(cli, 5.0, 3)
+        for _, srv in pairs:
+            srv.close()
+        time.sleep(0.1)
+        first = eng.wait(1.0)
+        assert 0 < len(first) <= 256
+        reported = {d.fd for d in first}
+        dropped = next(cli for cli, _ in pairs if cli.fileno() not in reported)
+        assert eng.remove(dropped) is True
+        deaths = run_until(eng, 2.0, lambda d: len(d) + len(first) >= n - 1)
+        fds = [d.fd for d in first + deaths]
+        assert len(fds) == len(set(fds)) == n - 1
+        assert dropped.fileno() not in fds
+        assert all(d.verdict.status is Status.PEER_CLOSED for d in first + deaths)
+        assert eng.stats().conns == 0 and len(eng) == 0
+    finally:
+        eng.close()
+        for cli, srv in pairs:
+            cli.close()
+            srv.close()
+
+
+def test_remove_after_close_finds_the_socket(engine: HeartbeatEngine,
+                                             listener: socket.socket) -> None:
+    cli, srv = pair(listener)
+    with srv:
+        engine.add(cli, 1.0, 3)
+        cli.close()                       # wrong order, but recoverable
+        assert engine.remove(cli) is True
+        assert len(engine) == 0 and engine.stats().conns == 0
