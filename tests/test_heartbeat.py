@@ -535,3 +535,36 @@ def test_remove_after_close_finds_the_socket(engine: HeartbeatEngine,
         cli.close()                       # wrong order, but recoverable
         assert engine.remove(cli) is True
         assert len(engine) == 0 and engine.stats().conns == 0
+
+
+def test_inside_asyncio_via_fileno(engine: HeartbeatEngine, listener: socket.socket) -> None:
+    import asyncio
+
+    cli, srv = pair(listener)
+    answered = pair(listener)
+    peer = PyHeartbeatPeer()
+
+    async def main() -> List[Death]:
+        loop = asyncio.get_running_loop()
+        got: "asyncio.Queue[Death]" = asyncio.Queue()
+        loop.add_reader(engine.fileno(), lambda: [got.put_nowait(d) for d in engine.poll()])
+        try:
+            engine.add(cli, 0.05, 3)              # nobody answers: dies at 0.15 s
+            engine.add(answered[0], 0.05, 3)      # answered: stays
+            return [await asyncio.wait_for(got.get(), 2.0)]
+        finally:
+            loop.remove_reader(engine.fileno())
+
+    with cli, srv, answered[0], answered[1]:
+        peer.add(answered[1])
+        peer.start()
+        try:
+            t0 = time.monotonic()
+            deaths = asyncio.run(main())
+            took = time.monotonic() - t0
+        finally:
+            peer.close()
+        assert [d.fd for d in deaths] == [cli.fileno()]
+        assert deaths[0].verdict.status is Status.TIMED_OUT
+        assert 0.1 <= took < 1.0
+        assert engine.stats().pongs_received >= 2
