@@ -546,6 +546,7 @@ def role_asyncio(a: argparse.Namespace) -> Dict[str, Any]:
             r, w = await asyncio.open_connection(a.host, a.port)
             streams.append((r, w))
         tasks = [asyncio.create_task(conn(r, w, stats)) for r, w in streams]
+        assert len(tasks) == a.n      # kept referenced: the loop holds tasks weakly
         await asyncio.sleep(a.warmup)
         for k in stats:
             stats[k] = 0 if isinstance(stats[k], int) else 0.0

@@ -35,7 +35,6 @@ import errno as _errno
 import os
 import selectors
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -43,7 +42,7 @@ from dataclasses import dataclass
 from typing import Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from ._lib import SocketLike, check_rc, fd_of, ffi, lib, timeout_ms
-from .verdict import Flag, Method, Status, Verdict
+from .verdict import Method, Status, Verdict
 
 MAGIC: int = lib.FL_HB_MAGIC
 VERSION: int = lib.FL_HB_VERSION
@@ -516,11 +515,8 @@ class PyHeartbeatPeer:
 # ---- a peer process (tests, demo, interop) ----------------------------
 
 def _peer_main(argv: Optional[List[str]] = None) -> int:
-    """``python -m fastlive.heartbeat --connect HOST:PORT [--count N]
-    [--interval S] [--engine c|py]``: open N connections and answer PINGs
-    (and ping, with --interval) until killed or every connection is gone.
-    Prints "ready" on stdout once connected."""
-    ap = argparse.ArgumentParser(prog="python -m fastlive.heartbeat")
+    """``python -m fastlive.heartbeat_peer``: see that module."""
+    ap = argparse.ArgumentParser(prog="python -m fastlive.heartbeat_peer")
     ap.add_argument("--connect", required=True, help="HOST:PORT (loopback)")
     ap.add_argument("--count", type=int, default=1)
     ap.add_argument("--interval", type=float, default=None)
@@ -549,7 +545,3 @@ def _peer_main(argv: Optional[List[str]] = None) -> int:
     while len(peer) and time.monotonic() < end:
         peer.step(0.1)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_peer_main())

@@ -92,7 +92,7 @@ class PeerProcess:
         host, port = lst.getsockname()[:2]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastlive.heartbeat", "--connect", f"{host}:{port}",
+            [sys.executable, "-m", "fastlive.heartbeat_peer", "--connect", f"{host}:{port}",
              "--count", str(count), "--lifetime", "60"],
             stdout=subprocess.PIPE, env=env)
         lst.settimeout(10)
