@@ -388,6 +388,102 @@ def wire_run(port: int) -> Dict[str, object]:
                 p.kill()
 
 
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
+
+
+def _listening_in(pid: int, port: int, timeout: float = 10.0) -> None:
+    """wait_listening, in the network namespace of process pid."""
+    want = f":{port:04X} "
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/net/tcp") as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            rows = []
+        for row in rows:
+            fields = row.split()
+            if (fields[1] + " ").endswith(want) and fields[3] == "0A":
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"nothing listens on {port} in the netns of {pid}")
+
+
+NS_SERVER, NS_PEER = "10.77.0.1", "10.77.0.2"
+
+
+def netns_run(bins: Dict[str, str], ports: List[int]) -> Dict[str, object]:
+    """A silently dead peer: servers in namespace A, the peer in namespace B
+    (veth between them, both created here); the peer's link is set down while
+    the peer process lives on.  Runs the original and the port of section 3
+    (TCP_INFO) and the port of section 4 (keepalive 1 s / 1 s / 2, stop mode).
+    """
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return {"skip": "needs root and iproute2 (ip netns) for a silently dead peer"}
+    tag = f"flart-{os.getpid()}"
+    ns_a, ns_b = tag + "-a", tag + "-b"
+    veth_a, veth_b = f"fla{os.getpid() % 100000}a", f"fla{os.getpid() % 100000}b"
+    procs: List[Proc] = []
+    made: List[str] = []
+    try:
+        for ns in (ns_a, ns_b):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", veth_a, "netns", ns_a, "type", "veth", "peer", "name", veth_b,
+            "netns", ns_b)
+        for ns, dev, addr in ((ns_a, veth_a, NS_SERVER), (ns_b, veth_b, NS_PEER)):
+            _ip("-n", ns, "addr", "add", addr + "/30", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        in_a = ["ip", "netns", "exec", ns_a]
+        p_orig, p_port, p_ka = ports[:3]
+        servers = {
+            "tcpinfo-orig": (Proc(in_a + ["stdbuf", "-oL", bins["server_tcpinfo"],
+                                          NS_SERVER, str(p_orig)]), p_orig),
+            "tcpinfo-port": (Proc(in_a + [sys.executable, "-m", "fastlive", "server",
+                                          "--method", "tcpinfo", "--host", NS_SERVER,
+                                          "--port", str(p_port)]), p_port),
+            "keepalive-port": (Proc(in_a + [sys.executable, "-m", "fastlive", "server",
+                                            "--method", "keepalive", "--keepalive", "1", "1", "2",
+                                            "--stop-on-death", "--host", NS_SERVER,
+                                            "--port", str(p_ka)]), p_ka),
+        }
+        procs += [proc for proc, _ in servers.values()]
+        for proc, port in servers.values():
+            _listening_in(proc.p.pid, port)
+        peer_code = (
+            "import socket, sys, time\n"
+            f"socks = [socket.create_connection(('{NS_SERVER}', p), timeout=5) "
+            f"for p in ({p_orig}, {p_port}, {p_ka})]\n"
+            "for s in socks: s.sendall(b'I am client\\0')\n"
+            "assert socks[2].recv(12) == b'I am server\\0'\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(60)\n")
+        peer = Proc(["ip", "netns", "exec", ns_b, sys.executable, "-c", peer_code])
+        procs.append(peer)
+        peer.wait_line(b"ready")
+        t0 = {name: proc.wait_line() for name, (proc, _) in servers.items()}
+        sleep_until(max(t0.values()) + 1.3)
+        t_down = time.monotonic()
+        _ip("-n", ns_b, "link", "set", veth_b, "down")  # the peer goes silent
+        ka = servers["keepalive-port"][0]
+        t_seen = ka.wait_line(b"read size = -1", timeout=15)
+        res: Dict[str, object] = {"keepalive_after_down": t_seen - t_down}
+        ka.wait_line(b"stop: ")
+        for name in ("tcpinfo-orig", "tcpinfo-port"):
+            proc = servers[name][0]
+            sleep_until(max(t0[name] + 5.5, t_down + 3.5))
+            res[name] = proc.finish(signal.SIGINT)
+        res["keepalive-port"] = ka.finish(signal.SIGINT)
+        res["peer_alive"] = peer.p.poll() is None
+        return res
+    finally:
+        for proc in procs:
+            proc.kill()
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], timeout=10, capture_output=True)
+
+
 # ---- the session: build, then every run at once -------------------------------
 
 SERVER_CASES = [("rw", "close"), ("rw", "reset"), ("rw", "kill"),
@@ -460,6 +556,7 @@ def runs(bins) -> Dict[tuple, Dict[str, object]]:
     jobs.append((("stop", "client"), lambda port: client_stop_run(bins, port)))
     jobs.append((("bounded",), lambda port: bounded_run(bins, port)))
     jobs.append((("wire",), wire_run))
+    jobs.append((("netns",), None))
 
     def guarded(job, port):
         try:
@@ -467,7 +564,9 @@ def runs(bins) -> Dict[tuple, Dict[str, object]]:
         except Exception as exc:  # reported by the test that reads it
             return {"error": repr(exc)}
 
-    ports = free_ports(len(jobs))
+    ports = free_ports(len(jobs) + 2)
+    ns_ports = ports[-3:]  # the netns job's servers live in their own namespace
+    jobs[-1] = (("netns",), lambda _port: netns_run(bins, ns_ports))
     results: Dict[tuple, Dict[str, object]] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         futures = {}
@@ -652,3 +751,25 @@ def test_cli_rows_and_defaults():
     assert (a.host, a.port, a.iterations) == ("127.0.0.1", 8888, 0)
     with pytest.raises(SystemExit):
         parser.parse_args(["client", "--method", "rw"])
+
+
+def test_silently_dead_peer(runs):
+    """The peer's link goes down, the peer process lives on: TCP_INFO keeps
+    saying ESTABLISHED (original and port alike); keepalive ends the read
+    with ETIMEDOUT after idle + intvl * cnt of silence."""
+    res = runs[("netns",)]
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    res = result(runs, "netns")
+    o, p = res["tcpinfo-orig"], res["tcpinfo-port"]
+    assert p.splitlines(keepends=True) == o.splitlines(keepends=True)
+    assert o.count(b"alive s32SocketFd = ") >= 5
+    assert o.count(b"info.tcpi_state = 1\nconnect ok \r\n") == o.count(b"alive s32SocketFd")
+    assert o.endswith(EXIT * 2)
+    ka = res["keepalive-port"]
+    assert ka.startswith(b"recv data:I am client \nread size = -1, error 110 \n"
+                         b"stop: keepalive (SO_KEEPALIVE) noticed read() failed "
+                         b"(errno 110, Connection timed out) after "), ka
+    print(f"keepalive 1/1/2 noticed the dead peer {res['keepalive_after_down']:.2f} s "
+          f"after its link went down")
+    assert res["peer_alive"]
