@@ -388,6 +388,41 @@ def wire_run(port: int) -> Dict[str, object]:
                 p.kill()
 
 
+def highfd_run(port: int) -> Dict[str, object]:
+    """The port's select and heartbeat loops on a connection whose fd is
+    above FD_SETSIZE (where the original's FD_SET writes out of bounds):
+    bounded mode, a scripted peer paced by the replies."""
+    code = ("import os, sys; from fastlive.article import run_server\n"
+            "hold = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]\n"
+            "probe = os.dup(0); os.close(probe)\n"
+            "print('lowest free fd', probe, flush=True)\n"
+            "method = sys.argv[1]\n"
+            f"rc = run_server(method, '{HOST}', {port}, connections=1, iterations=3)\n"
+            "print('returned', rc, flush=True)\n")
+    res: Dict[str, object] = {}
+    for method in ("select", "heartbeat"):
+        procs: List[Proc] = []
+        sock = None
+        try:
+            srv = Proc([sys.executable, "-c", code, method])
+            procs.append(srv)
+            wait_listening(port)
+            sock = socket.create_connection((HOST, port), timeout=5)
+            sock.sendall(MSG)
+            for i in range(3):
+                assert recv_exact(sock, len(REPLY)) == REPLY
+                if i < 2:
+                    sock.sendall(MSG)
+            res[method] = srv.finish(None, timeout=8)
+            res[method + "_rc"] = srv.p.returncode
+        finally:
+            if sock is not None:
+                sock.close()
+            for p in procs:
+                p.kill()
+    return res
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
 
@@ -556,6 +591,7 @@ def runs(bins) -> Dict[tuple, Dict[str, object]]:
     jobs.append((("stop", "client"), lambda port: client_stop_run(bins, port)))
     jobs.append((("bounded",), lambda port: bounded_run(bins, port)))
     jobs.append((("wire",), wire_run))
+    jobs.append((("highfd",), highfd_run))
     jobs.append((("netns",), None))
 
     def guarded(job, port):
@@ -773,3 +809,16 @@ def test_silently_dead_peer(runs):
     print(f"keepalive 1/1/2 noticed the dead peer {res['keepalive_after_down']:.2f} s "
           f"after its link went down")
     assert res["peer_alive"]
+
+
+def test_select_loops_beyond_fd_setsize(runs):
+    """Connection fd > 1024: the port's select/heartbeat loops still work
+    (poll() stands in for select(), same return values)."""
+    res = result(runs, "highfd")
+    for method in ("select", "heartbeat"):
+        first, rest = res[method].split(b"\n", 1)
+        assert int(first.split()[-1]) > 1024  # listening fd; the connection's is next
+        res[method] = rest
+    assert res["select"] == b"l_s32Ret = 1 \nrecv data:I am client \n" * 3 + b"returned 0\n"
+    assert res["heartbeat"] == b"recv data:I am client \n" * 3 + b"returned 0\n"
+    assert res["select_rc"] == res["heartbeat_rc"] == 0
