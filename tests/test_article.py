@@ -85,7 +85,7 @@ class Proc:
         with self.cond:
             return b"".join(line for _, line in self.lines)
 
-    def wait_line(self, needle: bytes = b"", n: int = 1, timeout: float = 10.0) -> float:
+    def wait_line(self, needle: bytes = b"", n: int = 1, timeout: float = 20.0) -> float:
         """Arrival time of the n-th line containing needle."""
         deadline = time.monotonic() + timeout
         with self.cond:
@@ -137,19 +137,70 @@ def free_ports(n: int) -> List[int]:
             s.close()
 
 
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    """Until something LISTENs on port (read from /proc: a probe connection
-    would start a session on the server)."""
+def _server_side_rows(port: int) -> List[Tuple[str, int]]:
+    """(state, recv-queue bytes) of the sockets whose local port is port.
+
+    Asks the kernel through ss's filter (sock_diag): /proc/net/tcp can hold
+    tens of thousands of rows when other tests run, too slow to poll."""
+    if shutil.which("ss"):
+        args = ["ss", "-tanH", f"( sport = :{port} )"]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10).stdout
+        rows = []
+        for line in out.splitlines():
+            f = line.split()
+            if len(f) >= 2 and f[1].isdigit():
+                rows.append((f[0], int(f[1])))
+        return rows
     want = f":{port:04X} "
+    rows = []
+    with open("/proc/net/tcp") as f:
+        for row in f.readlines()[1:]:
+            fields = row.split()
+            if (fields[1] + " ").endswith(want):
+                state = {"0A": "LISTEN", "01": "ESTAB"}.get(fields[3], fields[3])
+                rows.append((state, int(fields[4].split(":")[1], 16)))
+    return rows
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    """Until something LISTENs on port (asked of the kernel: a probe
+    connection would start a session on the server)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as f:
-            for row in f.readlines()[1:]:
-                fields = row.split()
-                if (fields[1] + " ").endswith(want) and fields[3] == "0A":
-                    return
+        if any(state == "LISTEN" for state, _ in _server_side_rows(port)):
+            return
         time.sleep(0.02)
     raise AssertionError(f"nothing listens on {port} after {timeout} s")
+
+
+def wait_queued(port: int, nbytes: int, timeout: float = 20.0) -> None:
+    """Until a connection to port (server side) holds nbytes unread."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(state == "ESTAB" and q >= nbytes for state, q in _server_side_rows(port)):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no connection to {port} with {nbytes} bytes queued")
+
+
+def first_message_while_stopped(srv: "Proc", port: int, start: Callable[[], object]) -> object:
+    """Stop the server's group, start the peer, let its first message land in
+    the not yet accepted connection, continue.  Without this the select loop
+    (10 ms timeout) may look before the message arrives and print one more
+    "select error" line: a race, not a difference between the programs."""
+    srv.send_signal(signal.SIGSTOP)
+    try:
+        peer = start()
+        wait_queued(port, len(MSG))
+    finally:
+        srv.send_signal(signal.SIGCONT)
+    return peer
+
+
+def _scripted_peer(port: int) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=20)
+    sock.sendall(MSG)
+    return sock
 
 
 def sleep_until(t: float) -> None:
@@ -207,6 +258,26 @@ def peer_event(event: str, sock: Optional[socket.socket], peer: Optional[Proc]) 
         raise ValueError(event)
 
 
+#: A peer process for "kill": sends, and sends again as soon as each reply
+#: is in; prints like the original client; then waits to be killed.
+SCRIPTED_PEER = f"""
+import socket, sys, time
+s = socket.create_connection(({HOST!r}, int(sys.argv[1])), timeout=20)
+s.sendall({MSG!r})
+for i in range(2):
+    got = b""
+    while len(got) < {len(REPLY)}:
+        chunk = s.recv({len(REPLY)} - len(got))
+        if not chunk:
+            sys.exit(1)
+        got += chunk
+    if i == 0:
+        s.sendall({MSG!r})
+    print("recv Data: " + got.rstrip(b"\\0").decode(), flush=True)
+time.sleep(60)
+"""
+
+
 def server_run(argv: List[str], method: str, event: str, port: int,
                bins: Dict[str, str], stop_after: Optional[float] = None) -> Dict[str, object]:
     """One server, one peer, one event; the server's full transcript.
@@ -223,11 +294,15 @@ def server_run(argv: List[str], method: str, event: str, port: int,
         wait_listening(port)
         peer = None
         if event == "kill":
-            peer = Proc(orig(bins, "client_tcp", port))
-            procs.append(peer)
+            # The original client sleeps 1 s between writes, as the server
+            # does: against select's 10 ms window that is a race, so select's
+            # peer is a scripted process that answers each reply at once.
+            peer_argv = (orig(bins, "client_tcp", port) if method != "select"
+                         else [sys.executable, "-c", SCRIPTED_PEER, str(port)])
+            peer = first_message_while_stopped(
+                srv, port, lambda: procs.append(Proc(peer_argv)) or procs[-1])
         else:
-            sock = socket.create_connection((HOST, port), timeout=5)
-            sock.sendall(MSG)
+            sock = first_message_while_stopped(srv, port, lambda: _scripted_peer(port))
         t0 = srv.wait_line()
         replies = []
         if method == "tcpinfo":  # never replies: event half-way between passes
@@ -301,8 +376,7 @@ def stop_run(argv: List[str], method: str, event: str, port: int,
         srv = Proc(argv)
         procs.append(srv)
         wait_listening(port)
-        sock = socket.create_connection((HOST, port), timeout=5)
-        sock.sendall(MSG)
+        sock = first_message_while_stopped(srv, port, lambda: _scripted_peer(port))
         t0 = srv.wait_line()
         if method == "tcpinfo":
             sleep_until(t0 + 0.5)
@@ -331,7 +405,7 @@ def client_stop_run(bins: Dict[str, str], port: int) -> Dict[str, object]:
         procs.append(cli)
         cli.wait_line(b"recv Data", 2)
         srv.finish(signal.SIGKILL)
-        out = cli.finish(None, timeout=5)  # returns by itself
+        out = cli.finish(None, timeout=10)  # returns by itself
         return {"out": out, "rc": cli.p.returncode}
     finally:
         for p in procs:
@@ -407,8 +481,7 @@ def highfd_run(port: int) -> Dict[str, object]:
             srv = Proc([sys.executable, "-c", code, method])
             procs.append(srv)
             wait_listening(port)
-            sock = socket.create_connection((HOST, port), timeout=5)
-            sock.sendall(MSG)
+            sock = first_message_while_stopped(srv, port, lambda: _scripted_peer(port))
             for i in range(3):
                 assert recv_exact(sock, len(REPLY)) == REPLY
                 if i < 2:
