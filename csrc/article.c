@@ -43,6 +43,11 @@
 #define ART_BACKLOG 2     /* 侦听队列长度 */
 #define ART_BUFSIZE 1024  /* the article's read size */
 
+/* Set once stdout's reader has gone (EPIPE): from then on nothing is
+ * printed.  The original, line-buffered, spins forever instead: each failed
+ * write raises SIGPIPE, whose handler prints, which fails again... */
+static volatile sig_atomic_t stdout_gone;
+
 /* printf, then flush: lines reach a pipe as they are printed.  errno is
  * preserved, because the article prints errno values that earlier calls
  * left behind and the port must print the same ones. */
@@ -52,10 +57,20 @@ static void say(const char *fmt, ...)
     int saved = errno;
     va_list ap;
 
-    va_start(ap, fmt);
-    vprintf(fmt, ap);
-    va_end(ap);
-    fflush(stdout);
+    if (!stdout_gone) {
+        int rc;
+
+        va_start(ap, fmt);
+        rc = vprintf(fmt, ap); /* writes already if stdout is unbuffered
+                                  (python -u / PYTHONUNBUFFERED) */
+        va_end(ap);
+        if (rc >= 0)
+            rc = fflush(stdout) == EOF ? -1 : 0;
+        if (rc < 0 && errno == EPIPE) {
+            stdout_gone = 1;
+            clearerr(stdout);
+        }
+    }
     errno = saved;
 }
 

@@ -7,7 +7,8 @@ here with gcc into a temporary directory) against the C ports
 - Transcripts: for the same scripted events (peer closes, peer resets, peer
   SIGKILLed, peer quiet, server stopped / killed, connection refused) the
   port prints exactly the bytes the original prints.
-- Stop mode and bounded mode of the port.
+- Stop mode and bounded mode of the port; fds beyond FD_SETSIZE; a
+  silently dead peer in a network namespace (root only).
 
 How the runs are made comparable:
 - stdout of the originals is fully buffered when it is a pipe, so they run
@@ -19,6 +20,11 @@ How the runs are made comparable:
   its sleep(1)) or half-way between two passes, and the server is stopped
   with SIGINT to its process group half-way between two passes, so the
   original and the port go through the same passes.
+- Two races are taken out, because they are races, not differences: the
+  server's group is SIGSTOPped until the peer's first message is queued on
+  the not yet accepted connection (else select's 10 ms look may come first),
+  and select's peer answers each reply at once (the original client sleeps
+  1 s, as the server does, and may miss the 10 ms window under load).
 - All runs happen at once in a thread pool (session fixture), so the file
   takes about as long as its longest run (~13 s: SO_RCVTIMEO is 10.2 s).
 - Every program runs in its own session (process group), on a port that was
@@ -51,6 +57,9 @@ MSG = b"I am client\0"
 REPLY = b"I am server\0"
 EXIT = b"Catch a exit signal\n"
 ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# PYTHONUNBUFFERED makes Python set the C stdout unbuffered too; without it
+# the C stdout on a pipe is fully buffered, so the port must flush itself.
+ENV.pop("PYTHONUNBUFFERED", None)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
@@ -496,6 +505,44 @@ def highfd_run(port: int) -> Dict[str, object]:
     return res
 
 
+def stdout_closed_run(port: int) -> Dict[str, object]:
+    """The port's client (connection refused: a line every second) whose
+    stdout reader goes away: it must neither die nor spin in its SIGPIPE
+    handler (the line-buffered original spins).  Both stdio set-ups: C
+    stdout fully buffered, and unbuffered (PYTHONUNBUFFERED)."""
+    res: Dict[str, object] = {}
+    for unbuffered in (False, True):
+        env = dict(ENV)
+        if unbuffered:
+            env["PYTHONUNBUFFERED"] = "1"
+        p = subprocess.Popen(port_client(port), stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             start_new_session=True, cwd=str(ROOT), env=env)
+        try:
+            import select as _select
+            ready, _, _ = _select.select([p.stdout], [], [], 20)
+            first = p.stdout.readline() if ready else b""
+            p.stdout.close()
+            time.sleep(1.5)  # the next pass prints into the closed pipe
+            states = []
+            for _ in range(20):
+                with open(f"/proc/{p.pid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+                time.sleep(0.05)
+            alive = p.poll() is None
+            os.killpg(p.pid, signal.SIGINT)
+            rc = p.wait(timeout=10)
+            res[unbuffered] = {"first": first, "states": "".join(states),
+                               "alive": alive, "rc": rc}
+        finally:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=10)
+    return res
+
+
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, timeout=10, capture_output=True)
 
@@ -665,6 +712,7 @@ def runs(bins) -> Dict[tuple, Dict[str, object]]:
     jobs.append((("bounded",), lambda port: bounded_run(bins, port)))
     jobs.append((("wire",), wire_run))
     jobs.append((("highfd",), highfd_run))
+    jobs.append((("stdout-closed",), stdout_closed_run))
     jobs.append((("netns",), None))
 
     def guarded(job, port):
@@ -895,3 +943,12 @@ def test_select_loops_beyond_fd_setsize(runs):
     assert res["select"] == b"l_s32Ret = 1 \nrecv data:I am client \n" * 3 + b"returned 0\n"
     assert res["heartbeat"] == b"recv data:I am client \n" * 3 + b"returned 0\n"
     assert res["select_rc"] == res["heartbeat_rc"] == 0
+
+
+def test_port_survives_its_stdout_reader_going_away(runs):
+    res = result(runs, "stdout-closed")
+    for unbuffered, r in res.items():
+        assert r["first"] == b"Catch a SIGPIPE signal\n", (unbuffered, r)
+        assert r["alive"] and r["rc"] == 0, (unbuffered, r)
+        # sleeping in its loop, not spinning through SIGPIPE handlers
+        assert r["states"].count("R") <= 3, (unbuffered, r)
