@@ -59,6 +59,6 @@ __all__ = [
 ]
 
 # The article's programs (take over the process when run: see fastlive.article).
-from .article import run_client, run_server  # noqa: E402
+from .article import Noticed, run_client, run_server, stop_matrix  # noqa: E402
 
-__all__ += ["run_client", "run_server"]
+__all__ += ["run_client", "run_server", "stop_matrix", "Noticed"]

@@ -19,6 +19,9 @@ Call them from the main thread of a process you hand over to them, as the
 or ``connections`` (bounded mode) or ``stop_on_death`` they do return, and
 restore the previous SIGINT/SIGPIPE handlers first.
 
+:func:`stop_matrix` runs the servers in stop mode in child processes, so
+it is safe to call from any program (``fastlive demo``).
+
 ``stop_on_death`` turns the article's commented-out ``//return`` back on:
 the loop ends when its method sees the peer gone, after printing one line
 ``stop: <method> noticed <what> after <s> s without a sign of life (...)``.
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import signal
 import sys
-from typing import Dict, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
 
 from ._lib import check_rc, ffi, lib
 
@@ -119,6 +124,108 @@ def run_server(method: str = "rw", host: str = DEFAULT_HOST, port: int = DEFAULT
                      connections=connections, keepalive=keepalive, heartbeat=heartbeat)
     _flush_python_streams()
     return check_rc(lib.fl_article_server(o))
+
+
+# ---- stop mode, safely: each server in its own process ----------------------
+
+@dataclass(frozen=True)
+class Noticed:
+    """What one server method noticed (stop mode) after one peer event."""
+    method: str
+    event: str                 #: "close" (FIN), "reset" (RST) or "quiet" (stays silent)
+    noticed: Optional[str]     #: the stop line's "what", None if nothing within the wait
+    after_s: Optional[float]   #: seconds from the event until the server had stopped
+    transcript: str            #: everything the server printed
+
+
+EVENTS = ("close", "reset", "quiet")
+
+
+def _one_stop(method: str, event: str, wait: float, keepalive: tuple, heartbeat: int) -> Noticed:
+    import os
+    import socket
+    import struct
+    import subprocess
+    import time
+
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("PYTHONUNBUFFERED", None)
+    with socket.socket() as probe:  # a port that was free a moment ago
+        probe.bind((DEFAULT_HOST, 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "fastlive", "server", "--method", method, "--port", str(port),
+            "--stop-on-death", "--connections", "1", "--keepalive", *map(str, keepalive),
+            "--heartbeat", str(heartbeat)]
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    sock = None
+    try:
+        deadline = time.monotonic() + 10
+        while sock is None:
+            try:
+                sock = socket.create_connection((DEFAULT_HOST, port), timeout=5)
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        sock.sendall(b"I am client\0")
+        if method != "tcpinfo":  # the only loop that never replies
+            got = b""
+            while len(got) < 12:
+                chunk = sock.recv(12 - len(got))
+                if not chunk:
+                    break
+                got += chunk
+        t_event = time.monotonic()
+        if event == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if event != "quiet":
+            sock.close()
+            sock = None
+        try:
+            out, _ = proc.communicate(timeout=wait)  # --connections 1: exits after the child
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=5)
+        text = out.decode(errors="replace")
+        for line in text.splitlines():
+            if line.startswith("stop: ") and " noticed " in line:
+                what = line.split(" noticed ", 1)[1].rsplit(" after ", 1)[0]
+                return Noticed(method, event, what, time.monotonic() - t_event, text)
+        return Noticed(method, event, None, None, text)
+    finally:
+        if sock is not None:
+            sock.close()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
+def stop_matrix(methods: Sequence[str] = tuple(METHODS), events: Sequence[str] = EVENTS,
+                wait: float = 4.0, keepalive: tuple = (1, 1, 2),
+                heartbeat: int = 1) -> List[Noticed]:
+    """Run each server method in stop mode, in its own process on 127.0.0.1
+    (so the caller's process is NOT taken over), against a scripted peer that
+    exchanges one message and then closes, resets or goes quiet; report what
+    each method noticed and after how long (``None``: nothing within
+    ``wait`` seconds, e.g. rcvtimeo's 10.2 s, or keepalive on loopback,
+    where the peer's kernel answers every probe).  All rows run at once."""
+    import concurrent.futures
+
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}")
+    for e in events:
+        if e not in EVENTS:
+            raise ValueError(f"unknown event {e!r}")
+    pairs = [(m, e) for m in methods for e in events]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(pairs))) as pool:
+        futs = [pool.submit(_one_stop, m, e, wait, keepalive, heartbeat) for m, e in pairs]
+        return [f.result() for f in futs]
 
 
 # ---- the `fastlive client` / `fastlive server` commands ------------------

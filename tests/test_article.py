@@ -713,6 +713,8 @@ def runs(bins) -> Dict[tuple, Dict[str, object]]:
     jobs.append((("wire",), wire_run))
     jobs.append((("highfd",), highfd_run))
     jobs.append((("stdout-closed",), stdout_closed_run))
+    jobs.append((("matrix",), lambda _port: {"rows": article.stop_matrix(
+        methods=("rw", "heartbeat"), events=("reset", "quiet"), wait=3.5)}))
     jobs.append((("netns",), None))
 
     def guarded(job, port):
@@ -952,3 +954,15 @@ def test_port_survives_its_stdout_reader_going_away(runs):
         assert r["alive"] and r["rc"] == 0, (unbuffered, r)
         # sleeping in its loop, not spinning through SIGPIPE handlers
         assert r["states"].count("R") <= 3, (unbuffered, r)
+
+
+def test_stop_matrix_runs_servers_in_their_own_processes(runs):
+    rows = {(r.method, r.event): r for r in result(runs, "matrix")["rows"]}
+    assert set(rows) == {("rw", "reset"), ("rw", "quiet"), ("heartbeat", "reset"),
+                         ("heartbeat", "quiet")}
+    assert rows["rw", "reset"].noticed == "read() failed (errno 104, Connection reset by peer)"
+    assert rows["heartbeat", "reset"].noticed == rows["rw", "reset"].noticed
+    assert rows["rw", "quiet"].noticed is None and rows["rw", "quiet"].after_s is None
+    assert rows["heartbeat", "quiet"].noticed == "no heartbeat within the timeout"
+    assert 0 < rows["heartbeat", "quiet"].after_s < 3.5
+    assert "heartbeat timeout 1 s" in rows["heartbeat", "quiet"].transcript
