@@ -135,7 +135,7 @@ def _ss_fields(port: int) -> dict:
         m = re.search(pat, out)
         if m:
             found[key] = float(m.group(1))
-    found["state_ok"] = "127.0.0.1:%d" % port in out
+    found["state_ok"] = f"127.0.0.1:{port}" in out
     return found
 
 
