@@ -40,6 +40,7 @@ import itertools
 import json
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -235,7 +236,7 @@ class _Peer:
             left = end - time.monotonic()
             if self.listener is None or left <= 0:
                 raise TimeoutError(f"{len(self.conns)} of {n} connections")
-            r, _w, _x = _select([self.listener], min(left, 0.5))
+            r, _w, _x = select.select([self.listener], [], [], min(left, 0.5))
             if r:
                 self.accept_ready()
         return len(self.conns)
@@ -348,11 +349,6 @@ class _Peer:
                 else:
                     self.readable(key.data)
         return 0
-
-
-def _select(rlist: Sequence[socket.socket], timeout: float):  # type: ignore[no-untyped-def]
-    import select as _sel
-    return _sel.select(rlist, [], [], timeout)
 
 
 def _ioctl_int(sock: socket.socket, req: int) -> int:
@@ -646,7 +642,7 @@ class PeerProcess:
             self._ctl.close()
             self.frozen = False
 
-    def __enter__(self) -> "PeerProcess":
+    def __enter__(self) -> PeerProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -887,7 +883,7 @@ class NetnsPair:
         self._fw: Optional[str] = None
 
     # -- set-up / tear-down -------------------------------------------------
-    def __enter__(self) -> "NetnsPair":
+    def __enter__(self) -> NetnsPair:
         reason = netns_unavailable()
         if reason:
             raise OSError(_errno.EPERM, reason)
@@ -942,7 +938,7 @@ class NetnsPair:
         self._created.clear()
 
     # -- sockets -----------------------------------------------------------
-    def socket(self, family: int = socket.AF_INET,
+    def new_socket(self, family: int = socket.AF_INET,
                type: int = socket.SOCK_STREAM) -> socket.socket:
         """A new socket inside A (closed by :meth:`close`)."""
         with in_netns(self.ns_a):
@@ -954,7 +950,7 @@ class NetnsPair:
         """A new local socket in A connected to the helper in B; returns it
         once the helper has accepted it (blocking, no timeout)."""
         assert self.peer is not None, "use NetnsPair as a context manager"
-        s = self.socket()
+        s = self.new_socket()
         t = self.timeout if timeout is None else timeout
         s.settimeout(t)
         s.connect((self.addr_b, self.peer.port))
@@ -963,7 +959,7 @@ class NetnsPair:
                                   if x.type == socket.SOCK_STREAM]), t)
         return s
 
-    def inside_a(self) -> "contextlib.AbstractContextManager[None]":
+    def inside_a(self) -> contextlib.AbstractContextManager[None]:
         """``with pair.inside_a(): ...`` - create your own sockets (e.g. a
         server under test, listening on ``addr_a``) in namespace A."""
         return in_netns(self.ns_a)
@@ -1039,6 +1035,28 @@ class NetnsPair:
 
 
 # --------------------------------------------------------------------------
+# ``fastlive netns-sweep`` (a row of fastlive.cli.COMMANDS)
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--list", action="store_true",
+                        help="only list fastlive's namespaces, delete nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for name in list_netns():
+            m = _NAME_RE.fullmatch(name)
+            if m:
+                owner = "alive" if _pid_alive(int(m.group(1))) else "stale"
+                print(f"{name}  owner {m.group(1)} {owner}")
+        return 0
+    if os.geteuid() != 0:
+        print("netns-sweep needs root", file=sys.stderr)
+        return 1
+    for name in sweep_stale_netns():
+        print(f"deleted {name}")
+    return 0
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)

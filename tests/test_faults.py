@@ -253,7 +253,7 @@ def test_in_netns_switches_back():
         assert netns_inode() == before != inside
         with pytest.raises(ZeroDivisionError):
             with in_netns(p.ns_b):
-                1 / 0
+                raise ZeroDivisionError
         assert netns_inode() == before
         with s:
             s.settimeout(5)
@@ -347,7 +347,7 @@ def test_setup_failure_cleans_up(monkeypatch):
 
 
 @needs_netns
-def test_sweeper_removes_stale_namespaces():
+def test_sweeper_removes_stale_namespaces(capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(10)
     name = f"fl-{dead.pid}-1-a"
@@ -355,6 +355,11 @@ def test_sweeper_removes_stale_namespaces():
     for n in (name, live):
         subprocess.run(["ip", "netns", "add", n], check=True, timeout=10)
     try:
+        from fastlive.cli import main
+        assert main(["netns-sweep", "--list"]) == 0
+        listed = capsys.readouterr().out
+        assert f"{name}  owner {dead.pid} stale" in listed
+        assert f"{live}  owner {os.getpid()} alive" in listed
         gone = sweep_stale_netns()
         assert name in gone and live not in gone
         assert name not in list_netns() and live in list_netns()
@@ -392,3 +397,23 @@ def test_no_helpers_left_behind():
             left.append(pid)
     assert not left
     assert not [n for n in list_netns() if n.startswith(f"fl-{me}-")]
+
+
+def test_docs_example_runs(tmp_path):
+    """docs/testing.md's example is a real test file: run it as a user would."""
+    doc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "docs", "testing.md")
+    if not os.path.exists(doc):
+        pytest.skip("docs/testing.md is not shipped with this copy")
+    with open(doc) as f:
+        blocks = f.read().split("```python\n")[1:]
+    code = next(b.split("```")[0] for b in blocks if "def test_" in b)
+    (tmp_path / "test_example.py").write_text(code)
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(fastlive.__file__))}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "fastlive.testing",
+                          "-p", "no:cacheprovider", "-rs", "test_example.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    expect = "2 passed" if NETNS is None else "1 passed, 1 skipped"
+    assert expect in out.stdout, out.stdout

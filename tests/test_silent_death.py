@@ -181,6 +181,7 @@ def detected(run, fault, scenario):
 CUTS = pytest.mark.parametrize("fault", ["link_down", "blackhole"])
 
 
+@pytest.mark.slow
 @CUTS
 def test_tcp_info_still_established_20s_later(silent, fault):
     """The article's claim: a silently dead peer leaves the connection
@@ -197,6 +198,7 @@ def test_tcp_info_still_established_20s_later(silent, fault):
     assert busy.end.suspect and busy.info.unacked >= 1 and busy.info.retransmits >= 1
 
 
+@pytest.mark.slow
 @CUTS
 def test_keepalive_reports_idle_death(silent, fault):
     """Keepalive 1/1/3: the connection drops ETIMEDOUT about idle +
@@ -208,6 +210,7 @@ def test_keepalive_reports_idle_death(silent, fault):
     assert out.info.state == TcpState.CLOSE
 
 
+@pytest.mark.slow
 @CUTS
 def test_keepalive_blind_while_data_unacknowledged(silent, fault):
     """Keepalive runs only while nothing is in flight: with data
@@ -219,6 +222,7 @@ def test_keepalive_blind_while_data_unacknowledged(silent, fault):
     assert out.end.suspect
 
 
+@pytest.mark.slow
 @CUTS
 def test_user_timeout_reports_busy_death(silent, fault):
     """TCP_USER_TIMEOUT=3 s: ETIMEDOUT once data has been unacknowledged
@@ -230,6 +234,7 @@ def test_user_timeout_reports_busy_death(silent, fault):
     assert 3.0 - 0.05 <= out.when <= 3.0 + SLACK_BUSY, out.when
 
 
+@pytest.mark.slow
 @CUTS
 def test_user_timeout_blind_while_idle(silent, fault):
     """TCP_USER_TIMEOUT alone times only unacknowledged data: an idle
@@ -239,6 +244,7 @@ def test_user_timeout_blind_while_idle(silent, fault):
     assert out.info.state == TcpState.ESTABLISHED and not out.end.suspect
 
 
+@pytest.mark.slow
 @CUTS
 def test_keepalive_and_user_timeout_cover_both(silent, fault):
     """Both together: idle connections are caught by keepalive (bounded by
@@ -253,6 +259,7 @@ def test_keepalive_and_user_timeout_cover_both(silent, fault):
     assert 3.0 - 0.05 <= busy.when <= 3.0 + SLACK_BUSY, busy.when
 
 
+@pytest.mark.slow
 @CUTS
 def test_detect_within_bounds_idle_and_busy(silent, fault):
     """fastlive.detect_within(sock, 5): reported within 5 s (+ timer slack),
@@ -266,6 +273,7 @@ def test_detect_within_bounds_idle_and_busy(silent, fault):
         assert out.when <= out.bound + slack, (scenario, out.when)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["frozen_netns", "frozen_loopback"])
 def test_frozen_peer_is_alive_to_every_kernel_timer(silent, fault):
     """SIGSTOP stops the peer process, not its kernel: data is ACKed and
@@ -397,7 +405,7 @@ def test_half_close_is_not_dead_for_the_writer(where):
     assert wait_event(local) is not None
     v = check_poll(local)
     assert v.flags & Flag.WRITE_OPEN and v.tcp_state == TcpState.CLOSE_WAIT
-    for i in range(3):
+    for _ in range(3):
         r = fastlive.send(local, b"still here")
         assert r.sent == 10 and r.verdict.status is Status.ALIVE, r
         time.sleep(0.05)
