@@ -36,9 +36,11 @@ import contextlib
 import ctypes
 import errno as _errno
 import fcntl
+import functools
 import itertools
 import json
 import os
+import queue
 import re
 import select
 import selectors
@@ -51,7 +53,7 @@ import sys
 import termios
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 __all__ = [
     "PeerProcess", "PeerError", "loopback_peer", "NetnsPair", "in_netns",
@@ -73,8 +75,48 @@ class PeerError(RuntimeError):
     """The helper process refused a command, died, or did not answer in time."""
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+class _Spawner:
+    """Starts helper processes from one thread that lives as long as the
+    process (the main thread, or a daemon thread for calls from any other
+    thread).  PR_SET_PDEATHSIG fires when the *thread* that forked a child
+    exits, so a helper started straight from a short-lived worker thread
+    would die with that thread instead of with the process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue[Tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def _loop(self) -> None:
+        while True:
+            fn, box = self._jobs.get()
+            try:
+                box.put((True, fn()))
+            except BaseException as exc:  # handed back to the caller
+                box.put((False, exc))
+
+    def run(self, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+        if threading.current_thread() is threading.main_thread():
+            return fn()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, daemon=True,
+                                                 name="fastlive-faults-spawner")
+                self._thread.start()
+        box: queue.Queue[Any] = queue.Queue()
+        self._jobs.put((fn, box))
+        ok, value = box.get(timeout=timeout)
+        if not ok:
+            raise value
+        return value
+
+
+_spawner = _Spawner()
 
 
 def _proc_state(pid: int) -> Optional[str]:
@@ -429,9 +471,10 @@ class PeerProcess:
     answers nothing, so thaw it first.
 
     The helper dies with its owner: ``PR_SET_PDEATHSIG`` sends it SIGKILL
-    when the *thread* that started it exits (create helpers from a thread
-    that lives as long as they should - the main thread is safe), it exits
-    on end of file on its control socket, after ``lifetime`` seconds, and
+    when the owner process dies (even when it is stopped; helpers are
+    started from the main thread or a process-long spawner thread, since
+    the kernel ties the signal to the forking *thread*), it exits on end of
+    file on its control socket and after ``lifetime`` seconds, and
     :meth:`close` / ``with`` kill it.
     """
 
@@ -455,9 +498,8 @@ class PeerProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._ctl = ours
         cmd: List[str] = [sys.executable, "-m", "fastlive.faults", "peer",
-                          "--ctl", str(theirs.fileno()), "--lifetime", str(lifetime)]
-        if threading.current_thread() is threading.main_thread():
-            cmd += ["--ppid", str(os.getpid())]
+                          "--ctl", str(theirs.fileno()), "--lifetime", str(lifetime),
+                          "--ppid", str(os.getpid())]
         fds = [theirs.fileno()]
         for s in socks:
             cmd += ["--fd", str(s.fileno())]
@@ -472,8 +514,9 @@ class PeerProcess:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_parent(), env.get("PYTHONPATH", "")) if p)
         try:
-            self._proc = subprocess.Popen(cmd, pass_fds=fds, env=env,
-                                          stdin=subprocess.DEVNULL)
+            self._proc: subprocess.Popen[bytes] = _spawner.run(
+                lambda: subprocess.Popen(cmd, pass_fds=fds, env=env,
+                                         stdin=subprocess.DEVNULL))
         finally:
             theirs.close()
         #: The helper's process id (``ip netns exec`` execs, so it is the same).
@@ -600,9 +643,11 @@ class PeerProcess:
         if self.running:
             os.kill(self.pid, sig)
         try:
-            return self._proc.wait(self.timeout if timeout is None else timeout)
+            code = self._proc.wait(self.timeout if timeout is None else timeout)
         except subprocess.TimeoutExpired as exc:
             raise PeerError(f"helper {self.pid} survived signal {sig}") from exc
+        self.frozen = False
+        return code
 
     def freeze(self, timeout: Optional[float] = None) -> None:
         """SIGSTOP: the process stops, its kernel does not.  Data is still
@@ -878,9 +923,20 @@ class NetnsPair:
         self.peer: Optional[PeerProcess] = None
         self.local: Optional[socket.socket] = None
         self.sockets: List[socket.socket] = []
+        self._numbers: Dict[int, int] = {}
         self.faults: List[str] = []
         self._created: List[str] = []
         self._fw: Optional[str] = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether a pair can be made here (root, ``ip``, netns, veth)."""
+        return netns_available()
+
+    @staticmethod
+    def unavailable_reason() -> Optional[str]:
+        """Why not, or None (see :func:`netns_unavailable`)."""
+        return netns_unavailable()
 
     # -- set-up / tear-down -------------------------------------------------
     def __enter__(self) -> NetnsPair:
@@ -948,16 +1004,23 @@ class NetnsPair:
 
     def connect(self, timeout: Optional[float] = None) -> socket.socket:
         """A new local socket in A connected to the helper in B; returns it
-        once the helper has accepted it (blocking, no timeout)."""
+        once the helper has accepted it (blocking, no timeout).  The
+        helper's number for it is :meth:`number` (``local`` is 0)."""
         assert self.peer is not None, "use NetnsPair as a context manager"
+        before = self.peer.count()
         s = self.new_socket()
         t = self.timeout if timeout is None else timeout
         s.settimeout(t)
         s.connect((self.addr_b, self.peer.port))
         s.settimeout(None)
-        self.peer.wait_conns(len([x for x in self.sockets
-                                  if x.type == socket.SOCK_STREAM]), t)
+        self.peer.wait_conns(before + 1, t)
+        self._numbers[s.fileno()] = before
         return s
+
+    def number(self, sock: socket.socket) -> int:
+        """The helper's connection number (``conn=``) for a socket made by
+        :meth:`connect`."""
+        return self._numbers[sock.fileno()]
 
     def inside_a(self) -> contextlib.AbstractContextManager[None]:
         """``with pair.inside_a(): ...`` - create your own sockets (e.g. a

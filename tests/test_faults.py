@@ -55,6 +55,20 @@ def so_error(sock):
 
 # -- loopback helper ---------------------------------------------------------
 
+def test_loopback_peer_ipv6():
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    local, peer = loopback_peer("::1")
+    with local, peer:
+        assert local.getpeername()[0] == "::1"
+        peer.reset()
+        assert wait_state(local, {TcpState.CLOSE}) == TcpState.CLOSE
+    with pytest.raises(ValueError, match="loopback"):
+        loopback_peer("10.77.0.1")
+
+
 def test_loopback_peer_talks(loopback_peer):
     local, peer = loopback_peer
     assert local.getpeername()[0] == "127.0.0.1"
@@ -183,16 +197,29 @@ def test_helper_connects_to_a_server(make_peer):
             assert conn.recv(1) == b""
 
 
-@pytest.mark.parametrize("freeze", [False, True], ids=["running", "frozen"])
-def test_helper_dies_with_its_owner(freeze):
+@pytest.mark.parametrize("freeze,thread", [(False, False), (True, False), (True, True)],
+                         ids=["running", "frozen", "frozen-from-thread"])
+def test_helper_dies_with_its_owner(freeze, thread):
     """PR_SET_PDEATHSIG: the helper goes when its owner is SIGKILLed, even
-    when it is stopped (no cleanup code of the owner runs)."""
+    when it is stopped (no cleanup code of the owner runs), and also when
+    it was asked for from a worker thread that has ended since."""
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
+        import threading, time
         from fastlive.faults import loopback_peer
-        local, peer = loopback_peer()
+        got = []
+        def start():
+            got.append(loopback_peer())
+        if {thread}:
+            t = threading.Thread(target=start)
+            t.start()
+            t.join()
+        else:
+            start()
+        local, peer = got[0]
         if {freeze}:
             peer.freeze()
+        time.sleep(0.2)          # the worker thread is gone; the helper is not
+        assert peer.running
         print(peer.pid, flush=True)
         time.sleep(30)
         """)], stdout=subprocess.PIPE, text=True,
@@ -236,9 +263,14 @@ def test_netns_pair_layout(netns_pair):
     p.peer.echo()
     p.local.settimeout(5)
     assert p.local.recv(3) == b"abc"
+    # an outgoing connection of the helper takes a number too
+    with p.inside_a(), socket.create_server((p.addr_a, 0)) as srv:
+        srv.settimeout(5)
+        assert p.peer.connect(srv.getsockname()) == 1
+        srv.accept()[0].close()
     s2 = p.connect()
-    assert p.peer.count() == 2
-    p.peer.send(b"two", conn=1)
+    assert p.peer.count() == 3 and p.number(s2) == 2
+    p.peer.send(b"two", conn=p.number(s2))
     s2.settimeout(5)
     assert s2.recv(3) == b"two"
 

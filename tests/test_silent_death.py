@@ -321,7 +321,7 @@ def where(request):
                     first[0] = False
                     return pair.local, 0
                 s = pair.connect()
-                return s, pair.peer.count() - 1
+                return s, pair.number(s)
             yield make, pair.peer, "netns"
 
 
