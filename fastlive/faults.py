@@ -381,11 +381,15 @@ class _Peer:
                     while b"\n" in self.buf:
                         line, self.buf = self.buf.split(b"\n", 1)
                         try:
-                            reply = self.command(line.decode())
+                            reply = self.command(line.decode(errors="replace"))
                         except SystemExit:
-                            self.ctl.sendall(b"ok bye\n")
+                            reply = "ok bye"
+                        try:
+                            self.ctl.sendall(reply.encode() + b"\n")
+                        except OSError:
+                            return 0        # owner gone mid-answer
+                        if reply == "ok bye":
                             return 0
-                        self.ctl.sendall(reply.encode() + b"\n")
                 elif key.data == "listener":
                     self.accept_ready()
                 else:
@@ -458,7 +462,7 @@ def _fmt(addr: Address) -> str:
 class PeerProcess:
     """A helper process holding the peer end of TCP connections.
 
-    Exactly one of ``sock`` (connected sockets to hand over; this process's
+    At least one of ``sock`` (connected sockets to hand over; this process's
     copies are closed, so the helper is their only owner and its death
     closes them), ``listen`` (an address to listen on; it accepts every
     connection that arrives, numbered 0, 1, ... in arrival order) or

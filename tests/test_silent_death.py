@@ -5,9 +5,9 @@ the local side, so only a kernel timer can tell.  One shared 20 s window
 runs every scenario at once (two namespace pairs with ten connections
 each, plus frozen peers), and the tests below assert on what it recorded.
 Loud deaths (FIN, RST, SIGKILL, unread data, half-close) on loopback and
-across the veth.  Measured times are printed by the last test
-(after the module's tests); bounds asserted are the physics'
-with slack for a loaded machine, never tighter.
+across the veth.  The measured times are printed after the module's
+tests; the bounds asserted are the physics' with slack for a loaded
+machine, never tighter.  The window's tests are marked slow.
 """
 import errno
 import select
