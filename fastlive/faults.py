@@ -864,6 +864,7 @@ def _probe() -> str:
              "peer", "name", "p1", "netns", b)
         with in_netns(a):
             pass
+        _run(ip, "netns", "exec", b, sys.executable, "-c", "pass", timeout=30)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"cannot create a netns/veth pair: {exc}"
     finally:

@@ -449,3 +449,21 @@ def test_docs_example_runs(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     expect = "2 passed" if NETNS is None else "1 passed, 1 skipped"
     assert expect in out.stdout, out.stdout
+
+
+def test_netns_fixture_skips_with_the_reason(tmp_path):
+    (tmp_path / "test_skip.py").write_text(textwrap.dedent("""
+        import fastlive.faults
+        fastlive.faults._probe_result = "pretend: no namespaces here"
+
+        def test_needs_namespaces(netns_pair):
+            raise AssertionError("must not run")
+        """))
+    env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(fastlive.__file__))}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "fastlive.testing",
+                          "-p", "no:cacheprovider", "test_skip.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 skipped" in out.stdout
+    assert "netns_pair: pretend: no namespaces here" in out.stdout
