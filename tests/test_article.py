@@ -966,3 +966,41 @@ def test_stop_matrix_runs_servers_in_their_own_processes(runs):
     assert rows["heartbeat", "quiet"].noticed == "no heartbeat within the timeout"
     assert 0 < rows["heartbeat", "quiet"].after_s < 3.5
     assert "heartbeat timeout 1 s" in rows["heartbeat", "quiet"].transcript
+
+
+# ---- the reconstruction itself ---------------------------------------------------
+
+SEED = Path("/work/shared/seed/000_0abc6b9d752d3a8f.txt")
+
+
+def _printf_formats(text: str) -> List[str]:
+    import re
+    return re.findall(r'printf\("((?:[^"\\]|\\.)*)"', text)
+
+
+def test_port_keeps_every_printf_of_the_originals():
+    port = (ROOT / "csrc" / "article.c").read_text(encoding="utf-8")
+    formats = {f for src in ORIG.glob("*.c") for f in _printf_formats(src.read_text("utf-8"))}
+    assert len(formats) >= 20
+    missing = [f for f in formats if f'"{f}"' not in port]
+    assert not missing
+
+
+@pytest.mark.skipif(not SEED.exists(), reason="the source article is not on this machine")
+def test_originals_add_nothing_but_braces_and_the_marked_change():
+    """Every line of tests/orig/*.c, except braces, blank lines, the fastlive
+    header comment and the lines marked for the address change, is a line
+    of the article; and every printf of the article is in the originals."""
+    article_text = SEED.read_text(encoding="utf-8")
+    article_lines = {line.strip() for line in article_text.splitlines()}
+    marked = ("fastlive", "l_pcHost", "l_pcPort")
+    for src in sorted(ORIG.glob("*.c")):
+        text = src.read_text(encoding="utf-8")
+        body = text.split("*/\n", 1)[1]  # after the fastlive header comment
+        extra = [line.strip() for line in body.splitlines()
+                 if line.strip() and line.strip().strip("{}").strip() != ""
+                 and not any(m in line for m in marked)
+                 and line.strip() not in article_lines]
+        assert not extra, (src.name, extra)
+    orig_formats = {f for src in ORIG.glob("*.c") for f in _printf_formats(src.read_text("utf-8"))}
+    assert set(_printf_formats(article_text)) <= orig_formats

@@ -191,7 +191,7 @@ int main(int argc, char *argv[])
         if( pid == 0 )
         { /* 子进程中 */
             close(l_s32ServerFd); /* 在子进程中关闭服务器的侦听 */
-            check_tcp_alive(l_s32ClientrFd);/* 处理连接 */
+            check_tcp_alive(l_s32ClientrFd);/* 处理连接 */ /* fastlive: caller not shown in the article */
         }else
         {
             close(l_s32ClientrFd); /* 在父进程中关闭客户端的连接 */
