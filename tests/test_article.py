@@ -171,13 +171,16 @@ def _server_side_rows(port: int) -> List[Tuple[str, int]]:
     return rows
 
 
-def wait_listening(port: int, timeout: float = 20.0) -> None:
+def wait_listening(port: int, timeout: float = 20.0, proc: Optional["Proc"] = None) -> None:
     """Until something LISTENs on port (asked of the kernel: a probe
-    connection would start a session on the server)."""
+    connection would start a session on the server); fails at once if proc,
+    the server, has exited (e.g. "bind error")."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(state == "LISTEN" for state, _ in _server_side_rows(port)):
             return
+        if proc is not None and proc.p.poll() is not None:
+            raise AssertionError(f"{proc.argv} exited with {proc.p.returncode}: {proc.output!r}")
         time.sleep(0.02)
     raise AssertionError(f"nothing listens on {port} after {timeout} s")
 
@@ -300,7 +303,7 @@ def server_run(argv: List[str], method: str, event: str, port: int,
     try:
         srv = Proc(argv)
         procs.append(srv)
-        wait_listening(port)
+        wait_listening(port, proc=srv)
         peer = None
         if event == "kill":
             # The original client sleeps 1 s between writes, as the server
@@ -356,7 +359,7 @@ def client_run(argv: List[str], event: str, port: int,
         if event != "refused":
             srv = Proc(orig(bins, "server_tcp", port))
             procs.append(srv)
-            wait_listening(port)
+            wait_listening(port, proc=srv)
         cli = Proc(argv)
         procs.append(cli)
         t0 = cli.wait_line()
@@ -384,7 +387,7 @@ def stop_run(argv: List[str], method: str, event: str, port: int,
     try:
         srv = Proc(argv)
         procs.append(srv)
-        wait_listening(port)
+        wait_listening(port, proc=srv)
         sock = first_message_while_stopped(srv, port, lambda: _scripted_peer(port))
         t0 = srv.wait_line()
         if method == "tcpinfo":
@@ -409,7 +412,7 @@ def client_stop_run(bins: Dict[str, str], port: int) -> Dict[str, object]:
     try:
         srv = Proc(orig(bins, "server_tcp", port))
         procs.append(srv)
-        wait_listening(port)
+        wait_listening(port, proc=srv)
         cli = Proc(port_client(port, "--stop-on-death"))
         procs.append(cli)
         cli.wait_line(b"recv Data", 2)
@@ -431,7 +434,7 @@ def bounded_run(bins: Dict[str, str], port: int) -> Dict[str, object]:
     try:
         srv = Proc([sys.executable, "-c", code])
         procs.append(srv)
-        wait_listening(port)
+        wait_listening(port, proc=srv)
         cli = Proc(orig(bins, "client_tcp", port))
         procs.append(cli)
         out = srv.finish(None, timeout=8)
@@ -489,7 +492,7 @@ def highfd_run(port: int) -> Dict[str, object]:
         try:
             srv = Proc([sys.executable, "-c", code, method])
             procs.append(srv)
-            wait_listening(port)
+            wait_listening(port, proc=srv)
             sock = first_message_while_stopped(srv, port, lambda: _scripted_peer(port))
             for i in range(3):
                 assert recv_exact(sock, len(REPLY)) == REPLY
@@ -541,6 +544,63 @@ def stdout_closed_run(port: int) -> Dict[str, object]:
                 pass
             p.wait(timeout=10)
     return res
+
+
+def _group_members(pgid: int) -> List[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":  # pgrp, not a zombie
+                pids.append(int(entry))
+    return pids
+
+
+def process_run(port: int) -> Dict[str, object]:
+    """The port server's process model: backlog 2 (ss shows it as the
+    listener's Send-Q), one child per connection, and SO_REUSEADDR (a second
+    server binds while the first one's connection sits in TIME_WAIT)."""
+    res: Dict[str, object] = {}
+    procs: List[Proc] = []
+    socks: List[socket.socket] = []
+    try:
+        srv = Proc(port_server("rw", port))
+        procs.append(srv)
+        wait_listening(port, proc=srv)
+        out = subprocess.run(["ss", "-ltnH", f"( sport = :{port} )"], capture_output=True,
+                             text=True, timeout=10).stdout if shutil.which("ss") else ""
+        res["backlog"] = int(out.split()[2]) if out.split() else None
+        for _ in range(2):
+            socks.append(first_message_while_stopped(srv, port, lambda: _scripted_peer(port)))
+        for sock in socks:
+            res.setdefault("replies", []).append(recv_exact(sock, len(REPLY)))
+        res["group"] = len(_group_members(srv.p.pid))  # parent + one child each
+        srv.finish(signal.SIGINT)  # the server closes first ...
+        for sock in socks:
+            sock.close()  # ... then the peer: the server's side goes TIME_WAIT
+        socks.clear()
+        res["time_wait"] = 0
+        deadline = time.monotonic() + 5
+        while shutil.which("ss") and not res["time_wait"] and time.monotonic() < deadline:
+            rows = subprocess.run(["ss", "-tanH", "state", "time-wait", f"( sport = :{port} )"],
+                                  capture_output=True, text=True, timeout=10).stdout
+            res["time_wait"] = len(rows.splitlines())
+            time.sleep(0.02)
+        again = Proc(port_server("rw", port))
+        procs.append(again)
+        wait_listening(port, proc=again)
+        res["rebind_out"] = again.finish(signal.SIGINT)
+        res["rebind_rc"] = again.p.returncode
+        return res
+    finally:
+        for sock in socks:
+            sock.close()
+        for p in procs:
+            p.kill()
 
 
 def _ip(*args: str) -> None:
@@ -713,6 +773,7 @@ def runs(bins) -> Dict[tuple, Dict[str, object]]:
     jobs.append((("wire",), wire_run))
     jobs.append((("highfd",), highfd_run))
     jobs.append((("stdout-closed",), stdout_closed_run))
+    jobs.append((("process",), process_run))
     jobs.append((("matrix",), lambda _port: {"rows": article.stop_matrix(
         methods=("rw", "heartbeat"), events=("reset", "quiet"), wait=3.5)}))
     jobs.append((("netns",), None))
@@ -1004,3 +1065,13 @@ def test_originals_add_nothing_but_braces_and_the_marked_change():
         assert not extra, (src.name, extra)
     orig_formats = {f for src in ORIG.glob("*.c") for f in _printf_formats(src.read_text("utf-8"))}
     assert set(_printf_formats(article_text)) <= orig_formats
+
+
+def test_port_server_process_model(runs):
+    res = result(runs, "process")
+    if shutil.which("ss"):
+        assert res["backlog"] == 2
+        assert res["time_wait"] >= 1  # so the second bind needed SO_REUSEADDR
+    assert res["replies"] == [REPLY, REPLY]
+    assert res["group"] == 3  # fork per connection
+    assert res["rebind_out"] == EXIT and res["rebind_rc"] == 0  # no "bind error"
