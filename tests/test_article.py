@@ -56,7 +56,9 @@ HOST = "127.0.0.1"
 MSG = b"I am client\0"
 REPLY = b"I am server\0"
 EXIT = b"Catch a exit signal\n"
-ENV = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# Subprocesses import the same fastlive as this test (source tree or install).
+PKG_PARENT = str(Path(article.__file__).resolve().parent.parent)
+ENV = dict(os.environ, PYTHONPATH=PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 # PYTHONUNBUFFERED makes Python set the C stdout unbuffered too; without it
 # the C stdout on a pipe is fully buffered, so the port must flush itself.
 ENV.pop("PYTHONUNBUFFERED", None)
