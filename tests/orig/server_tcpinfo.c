@@ -32,7 +32,8 @@
  * loop on the accepted connection instead of process_conn_server (the
  * article shows the function, not its caller; calling it in place of
  * process_conn_server is our choice).  It never reads or writes: a client
- * blocks in read() after its first write.  Choices:
+ * blocks in read() after its first write.  (So the notes above about the
+ * read/reply loop do not apply to this file.)  Choices:
  *   - No "else" survived in the article, and an "else" line would have: so
  *     "connect error" follows the if, and is printed on every pass, also
  *     after "connect ok" (the function was written with early returns,
