@@ -13,6 +13,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_heartbeat.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not shutil.which("gcc"), reason="the bench compiles its floor with gcc")
 def test_quick_bench_runs() -> None:
     out = subprocess.run(

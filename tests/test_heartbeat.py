@@ -349,6 +349,7 @@ def test_killed_peer_process(engine: HeartbeatEngine, peer_process: PeerProcess)
     assert time.monotonic() - t0 < 0.3 + 0.5     # the kernel's FIN, or the timeout
 
 
+@pytest.mark.slow
 def test_frozen_peer_only_the_heartbeat_sees_it(engine: HeartbeatEngine,
                                                 peer_process: PeerProcess) -> None:
     """SIGSTOP: the peer's kernel still ACKs, so keepalive (short settings)
@@ -568,3 +569,37 @@ def test_inside_asyncio_via_fileno(engine: HeartbeatEngine, listener: socket.soc
         assert deaths[0].verdict.status is Status.TIMED_OUT
         assert 0.1 <= took < 1.0
         assert engine.stats().pongs_received >= 2
+
+
+def test_bad_fds_raise(engine: HeartbeatEngine) -> None:
+    r, w = os.pipe()
+    try:
+        for fd, err in ((-1, errno.EBADF), (r, errno.ENOTSOCK)):
+            with pytest.raises(OSError) as ei:
+                engine.add(fd)
+            assert ei.value.errno == err
+    finally:
+        os.close(r)
+        os.close(w)
+    s = socket.socket()
+    s.close()
+    with pytest.raises(OSError):
+        engine.add(s)
+    with pytest.raises(TypeError):
+        engine.add("3")  # type: ignore[arg-type]
+    assert len(engine) == 0
+
+
+def test_wait_releases_the_gil(engine: HeartbeatEngine, listener: socket.socket) -> None:
+    cli, srv = pair(listener)
+    with cli, srv:
+        engine.add(cli, 60.0, 3)
+        t = threading.Thread(target=engine.wait, args=(0.5,))
+        t0 = time.monotonic()
+        t.start()
+        ran_meanwhile = False
+        while time.monotonic() < t0 + 0.35:
+            if time.monotonic() > t0 + 0.2 and t.is_alive():
+                ran_meanwhile = True      # this thread runs while C waits
+        t.join(5)
+        assert ran_meanwhile
