@@ -31,8 +31,8 @@ export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 export FASTLIVE_SANITIZED=1
 cd "$work"
 # the module really is instrumented
-nm -D fastlive/_native*.so | grep -q __asan_report || { echo "not instrumented" >&2; exit 1; }
-nm -D fastlive/_native*.so | grep -q __ubsan_handle || { echo "no UBSan" >&2; exit 1; }
+nm -D fastlive/_native*.so | grep -c __asan_report >/dev/null || { echo "not instrumented" >&2; exit 1; }
+nm -D fastlive/_native*.so | grep -c __ubsan_handle >/dev/null || { echo "no UBSan" >&2; exit 1; }
 python3 -c "import fastlive._native as n, sys; sys.exit(0 if n.__file__.startswith('$work') else 'wrong module')"
 if [ $# -eq 0 ]; then set -- -x -q tests; fi
 exec python3 -m pytest -p no:cacheprovider "$@"
