@@ -603,3 +603,20 @@ def test_wait_releases_the_gil(engine: HeartbeatEngine, listener: socket.socket)
                 ran_meanwhile = True      # this thread runs while C waits
         t.join(5)
         assert ran_meanwhile
+
+
+def test_an_echo_peer_is_a_heartbeat_peer(engine: HeartbeatEngine, loopback_peer) -> None:
+    """An echoing peer (the fault helper's echo mode) answers the heartbeat:
+    our PING comes back as a PING (answered with a PONG, which comes back
+    too).  Frozen, it is declared gone like any other."""
+    local, peer = loopback_peer
+    peer.echo()
+    engine.add(local, 0.1, 3)
+    assert run_until(engine, 2.0, lambda d: bool(d) or engine.stats().pongs_received >= 3) == []
+    st_ = engine.stats()
+    assert st_.pongs_received >= 3 and st_.pings_answered >= 3
+    peer.freeze()
+    t0 = time.monotonic()
+    deaths = run_until(engine, 2.0, bool)
+    assert len(deaths) == 1 and deaths[0].verdict.status is Status.TIMED_OUT
+    assert time.monotonic() - t0 <= 0.3 + 0.25
