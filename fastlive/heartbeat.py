@@ -15,10 +15,13 @@ Wire format v1 (5 bytes for a PING or PONG)::
 Rules (see docs/heartbeat.md):
 
 * Idle-only: any byte received counts as life.  A PING goes out only after
-  ``interval`` seconds of silence; the connection is declared gone after
-  ``misses * interval`` of silence (``misses >= 2``: with the defaults
-  ``interval=1, misses=3`` PINGs go out at 1 s and 2 s of silence, the
-  death is reported at 3 s).
+  ``interval`` seconds without traffic from the peer (the PONG answering
+  our own PING restarts that clock at the PING's due time, so an idle
+  healthy connection gets one PING per interval); the connection is
+  declared gone after ``misses * interval`` without any byte (``misses >=
+  2``: with ``interval=1, misses=3`` PINGs go out at 1 s and 2 s of
+  silence, the death is reported at 3 s).  FIN, RST and socket errors are
+  reported as soon as epoll sees them.
 * A *dedicated* connection (the default) belongs to the engine: it reads
   every byte, and every byte must be a heartbeat frame.  A *shared*
   connection (``shared=True``) stays the application's: the engine never
@@ -43,6 +46,13 @@ from typing import Deque, Dict, List, NamedTuple, Optional, Tuple
 
 from ._lib import SocketLike, check_rc, fd_of, ffi, lib, timeout_ms
 from .verdict import Method, Status, Verdict
+
+__all__ = [
+    "MAGIC", "VERSION", "HEADER_LEN", "MAX_PAYLOAD", "MAX_FRAME",
+    "FrameType", "Frame", "FrameError", "encode", "ping", "pong_for", "parse",
+    "c_parse", "Decoder", "Death", "RttSample", "EngineStats", "HeartbeatEngine",
+    "PyHeartbeatPeer",
+]
 
 MAGIC: int = lib.FL_HB_MAGIC
 VERSION: int = lib.FL_HB_VERSION
