@@ -370,7 +370,7 @@ def test_frozen_peer_only_the_heartbeat_sees_it(engine: HeartbeatEngine,
     d = deaths[0]
     assert d.verdict.status is Status.TIMED_OUT and d.verdict.method is Method.HEARTBEAT
     assert d.verdict.errno == errno.ETIMEDOUT
-    assert interval * (misses - 1) <= took <= interval * misses + 0.25
+    assert interval * (misses - 1) <= took <= interval * misses + 0.35
     assert d.silent >= interval * misses
     # Keep the peer frozen past keepalive's whole budget (1 + 2 * 1 s).
     time.sleep(max(0.0, 4.0 - (time.monotonic() - t0)))
@@ -433,17 +433,16 @@ def test_many_connections_one_dies(listener: socket.socket) -> None:
     pairs = [pair(listener) for _ in range(n)]
     try:
         for cli, srv in pairs:
-            eng.add(cli, 0.2, 3)
+            eng.add(cli, 0.3, 3)
             peer.add(srv)
         peer.start()
-        assert run_until(eng, 0.5) == []
+        assert run_until(eng, 0.7) == []
         victim_cli, victim_srv = pairs[n // 2]
         peer.remove(victim_srv)
-        os.kill(os.getpid(), 0)
         victim_srv.close()
         deaths = run_until(eng, 1.0, bool)
         assert [d.fd for d in deaths] == [victim_cli.fileno()]
-        assert run_until(eng, 0.8) == []                     # > misses * interval
+        assert run_until(eng, 1.0) == []                     # > misses * interval
         st_ = eng.stats()
         assert st_.conns == n - 1 and st_.deaths == 1
         assert st_.pings_sent >= (n - 1) * 2
@@ -619,4 +618,4 @@ def test_an_echo_peer_is_a_heartbeat_peer(engine: HeartbeatEngine, loopback_peer
     t0 = time.monotonic()
     deaths = run_until(engine, 2.0, bool)
     assert len(deaths) == 1 and deaths[0].verdict.status is Status.TIMED_OUT
-    assert time.monotonic() - t0 <= 0.3 + 0.25
+    assert time.monotonic() - t0 <= 0.3 + 0.35
