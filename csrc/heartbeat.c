@@ -835,7 +835,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     int r, st;
     int64_t now;
 
-    if (!hb || interval_ms < 1 || misses < 1 || misses > 1000
+    if (!hb || interval_ms < 1 || misses < 2 || misses > 1000
         || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
         return -EINVAL;
     if (fd < 0)

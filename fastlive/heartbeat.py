@@ -212,8 +212,8 @@ class EngineStats:
 
 
 def _check_schedule(interval: float, misses: int) -> Tuple[int, int]:
-    if not interval == interval or interval <= 0:
-        raise ValueError(f"interval must be > 0 seconds, got {interval!r}")
+    if not interval == interval or interval <= 0 or interval > 0x7FFFFFFF / 1000:
+        raise ValueError(f"interval must be > 0 seconds (and < 24 days), got {interval!r}")
     ms = max(1, int(round(interval * 1000)))
     if isinstance(misses, bool) or not isinstance(misses, int) or not 2 <= misses <= 1000:
         raise ValueError(f"misses must be an int in 2..1000, got {misses!r}")

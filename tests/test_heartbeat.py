@@ -208,6 +208,10 @@ def test_add_rejects(engine: HeartbeatEngine, listener: socket.socket) -> None:
             engine.add(cli, 1.0, misses=1)
         with pytest.raises(ValueError):
             engine.add(cli, 0)
+        with pytest.raises(ValueError):
+            engine.add(cli, 1e12)
+        with pytest.raises(ValueError):
+            engine.add(cli, float("nan"))
         engine.add(cli, 1.0)
         with pytest.raises(OSError) as ei:
             engine.add(cli, 1.0)
