@@ -38,7 +38,7 @@ BASE_TCP_INFO_LENGTH = 104
 _ASK = 512
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tcp_info_length() -> int:
     """How many bytes ``getsockopt(TCP_INFO)`` returns here for a TCP socket
     (0 if it fails, e.g. no TCP support).  A fresh, unconnected socket is
@@ -61,7 +61,7 @@ def _exe_links() -> list[str]:
     return ["/proc/thread-self/exe", f"/proc/self/task/{tid}/exe"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def emulator() -> Optional[str]:
     """The path of the qemu-user binary running this process, or None when
     the process runs natively (or the link cannot be read)."""
@@ -76,7 +76,7 @@ def emulator() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def under_qemu() -> bool:
     """True when this Python runs under qemu-user emulation (by either
     signal in the module docstring)."""
