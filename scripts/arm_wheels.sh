@@ -227,6 +227,17 @@ run_tests() {  # arch suite label pytest-args...
     cp -a "$src" "$dir"; rm -rf "$dir/fastlive" "$dir/build"
     local py; py=$(readlink "$root/usr/bin/python3")
     say "test $label: $a Debian $s $py (qemu-user) pytest $*"
+    # pip's own rule (packaging.tags) accepts the wheel on this Python
+    env -u PYTHONDONTWRITEBYTECODE QEMU_LD_PREFIX="$root" "$qemu" "$root/usr/bin/$py" - \
+        "$(basename "${wheel[$a]}")" <<'EOF' || return 1
+import sys
+from packaging.tags import parse_tag, sys_tags
+name = sys.argv[1][:-len(".whl")]
+wheel_tags = parse_tag("-".join(name.split("-")[2:]))
+ok = wheel_tags & set(sys_tags())
+print(f"   pip would install it here: {', '.join(sorted(map(str, ok))) or 'NO'}")
+sys.exit(0 if ok else 1)
+EOF
     # Bytecode is written (into the cached root too): an emulated Python
     # compiling pytest from source on every start costs a minute.
     (cd "$dir" && env -u PYTHONDONTWRITEBYTECODE QEMU_LD_PREFIX="$root" PYTHONPATH="$site" \
