@@ -105,6 +105,11 @@ enable_binfmt() {  # qemu-aarch64 / qemu-arm
 enable_binfmt qemu-aarch64
 enable_binfmt qemu-arm
 
+# One run at a time per cache (roots and work dir are shared).
+mkdir -p "$cache"
+exec 9>"$cache/.lock"
+flock -w 1800 9 || die "another arm_wheels.sh holds $cache/.lock"
+
 # ------------------------------------------------------------ Debian roots
 # python3 and its -dev are "the suite's Python" (3.9 in bullseye, 3.11 in
 # bookworm, 3.13 in trixie).  extract: no maintainer scripts, seconds.
@@ -275,5 +280,5 @@ for a in "${!runs[@]}"; do
 done
 for a in "${!runs[@]}"; do cat "$work/tests-$a.log"; done
 [ $rc = 0 ] || die "tests failed under qemu-user (see above)"
-say "done: wheels in $out"
+say "done in $((SECONDS - t0)) s: wheels in $out"
 ls -1 "$out"/*arm*.whl "$out"/*aarch64*.whl 2>/dev/null | sed 's/^/   /'
