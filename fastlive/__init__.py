@@ -57,3 +57,8 @@ __all__ = [
     "detection_time", "detect_within", "plan_within", "retransmit_timeout",
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
 ]
+
+# The article's programs (take over the process when run: see fastlive.article).
+from .article import Noticed, run_client, run_server, stop_matrix  # noqa: E402
+
+__all__ += ["run_client", "run_server", "stop_matrix", "Noticed"]

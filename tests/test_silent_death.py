@@ -262,15 +262,14 @@ def test_keepalive_and_user_timeout_cover_both(silent, fault):
 @pytest.mark.slow
 @CUTS
 def test_detect_within_bounds_idle_and_busy(silent, fault):
-    """fastlive.detect_within(sock, 5): reported within 5 s (+ timer slack),
-    idle or busy.  Busy overshoots the bound by up to ~1.2 s (SLACK_BUSY)."""
+    """fastlive.detect_within(sock, 5): reported within 5 s, idle or busy
+    (the busy case's timer overshoot is inside the bound: BUSY_SLACK)."""
     for scenario in ("within_idle", "within_busy"):
         out = detected(silent, fault, scenario)
         assert out.bound is not None and out.bound <= WITHIN
         assert out.when is not None, f"{scenario}: not detected"
         assert out.verdict.status is Status.TIMED_OUT and out.verdict.errno == errno.ETIMEDOUT
-        slack = SLACK_BUSY if scenario.endswith("busy") else SLACK
-        assert out.when <= out.bound + slack, (scenario, out.when)
+        assert out.when <= out.bound + 0.3, (scenario, out.when)   # measuring slack only
 
 
 @pytest.mark.slow
