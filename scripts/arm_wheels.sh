@@ -275,10 +275,11 @@ for a in $archs; do
         arch_runs "$a" "$@" || rc=1
     fi
 done
-for a in "${!runs[@]}"; do
+for a in $archs; do
+    [ -n "${runs[$a]+x}" ] || continue
     wait "${runs[$a]}" || rc=1
+    cat "$work/tests-$a.log"
 done
-for a in "${!runs[@]}"; do cat "$work/tests-$a.log"; done
 [ $rc = 0 ] || die "tests failed under qemu-user (see above)"
 say "done in $((SECONDS - t0)) s: wheels in $out"
 ls -1 "$out"/*arm*.whl "$out"/*aarch64*.whl 2>/dev/null | sed 's/^/   /'
