@@ -33,7 +33,7 @@ import ipaddress
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ._lib import check_rc, ffi, lib
 
@@ -53,7 +53,7 @@ METHODS: Dict[str, int] = {
 
 def _opts(host: str, port: int, method: int = 0, *, stop_on_death: bool = False,
           iterations: int = 0, connections: int = 0,
-          keepalive: Optional[tuple] = None, heartbeat: int = 0):
+          keepalive: Optional[Tuple[int, int, int]] = None, heartbeat: int = 0) -> Any:
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
@@ -103,7 +103,7 @@ def run_client(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
 
 def run_server(method: str = "rw", host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *,
                stop_on_death: bool = False, iterations: int = 0, connections: int = 0,
-               keepalive: tuple = (10, 1, 3), heartbeat: int = 3) -> int:
+               keepalive: Tuple[int, int, int] = (10, 1, 3), heartbeat: int = 3) -> int:
     """Run the article's server: bind (SO_REUSEADDR), listen (backlog 2),
     fork one child per connection that runs ``method``'s loop.
 
@@ -141,7 +141,7 @@ class Noticed:
 EVENTS = ("close", "reset", "quiet")
 
 
-def _one_stop(method: str, event: str, wait: float, keepalive: tuple, heartbeat: int) -> Noticed:
+def _one_stop(method: str, event: str, wait: float, keepalive: Tuple[int, int, int], heartbeat: int) -> Noticed:
     import os
     import socket
     import struct
@@ -206,7 +206,7 @@ def _one_stop(method: str, event: str, wait: float, keepalive: tuple, heartbeat:
 
 
 def stop_matrix(methods: Sequence[str] = tuple(METHODS), events: Sequence[str] = EVENTS,
-                wait: float = 4.0, keepalive: tuple = (1, 1, 2),
+                wait: float = 4.0, keepalive: Tuple[int, int, int] = (1, 1, 2),
                 heartbeat: int = 1) -> List[Noticed]:
     """Run each server method in stop mode, in its own process on 127.0.0.1
     (so the caller's process is NOT taken over), against a scripted peer that
