@@ -100,7 +100,8 @@ void fl_hb_free(struct fl_hb *hb);
  * fires at the next deadline), for use inside another event loop. */
 int  fl_hb_fileno(struct fl_hb *hb);
 /* interval_ms >= 1, misses 2..1000 (PINGs at 1..misses-1 intervals of
- * silence, dead at misses); -EEXIST if fd is already watched. */
+ * silence, dead at misses); -EEXIST if fd is already watched; with
+ * FL_HB_SHARED, -ENOPROTOOPT where TCP_INFO lacks tcpi_last_data_recv. */
 int  fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags);
 int  fl_hb_remove(struct fl_hb *hb, int fd);
 /* Runs the engine for up to timeout_ms (0 = one non-blocking pass) and

@@ -849,6 +849,13 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
         return -ENOTCONN;
     if (lookup(hb, fd) != NIL)
         return -EEXIST;
+    if (flags & FL_HB_SHARED) {
+        /* shared mode lives on tcpi_last_data_recv: refuse now, not at the
+         * first deadline, where TCP_INFO is short (qemu-user: 4 bytes) */
+        int64_t s = shared_silence(fd, &st);
+        if (s < 0)
+            return (int)s;
+    }
     r = grow_fdmap(hb, fd);
     if (r < 0)
         return r;

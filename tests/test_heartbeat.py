@@ -19,13 +19,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastlive import Method, Status, check_poll, check_so_error, set_keepalive, tcp_info
+from fastlive import Method, Status, _platform, check_poll, check_so_error, set_keepalive, tcp_info
 from fastlive import heartbeat as hb
 from fastlive.heartbeat import (Death, Decoder, FrameError, FrameType, HeartbeatEngine,
                                 PyHeartbeatPeer)
 from fastlive.tcpstate import TcpState
 
 ROOT = Path(__file__).resolve().parent.parent
+#: hypothesis examples: a tenth where Python runs emulated (10-50x slower)
+FUZZ = 0.1 if _platform.under_qemu() else 1.0
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -152,7 +154,8 @@ def test_parse_python_and_c(data: bytes, expect: int) -> None:
     assert hb.c_parse(data) == hb.parse(data)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(400 * FUZZ), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=48))
 def test_fuzz_c_parser_matches_reference(data: bytes) -> None:
     ref = hb.parse(data)
@@ -161,7 +164,7 @@ def test_fuzz_c_parser_matches_reference(data: bytes) -> None:
     assert -150 < got[0] <= min(len(data), hb.MAX_FRAME)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=int(200 * FUZZ), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([FrameType.PING, FrameType.PONG]),
                           st.integers(0, 0xFFFF), st.binary(max_size=hb.MAX_PAYLOAD)),
                 max_size=8),
@@ -181,7 +184,7 @@ def test_fuzz_stream_split_anywhere(frames, cuts) -> None:
     assert dec.pending == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=int(200 * FUZZ), deadline=None)
 @given(st.binary(min_size=1, max_size=64))
 def test_fuzz_decoder_garbage_never_crashes(data: bytes) -> None:
     dec = Decoder()
@@ -341,6 +344,7 @@ def test_fin_and_rst_seen_at_once(engine: HeartbeatEngine, listener: socket.sock
         assert deaths[0].sock is cli and cli not in engine
 
 
+@pytest.mark.no_qemu("starts a Python peer process, seconds per start emulated")
 def test_killed_peer_process(engine: HeartbeatEngine, peer_process: PeerProcess) -> None:
     sock = peer_process.socks[0]
     engine.add(sock, 0.1, 3)
@@ -354,6 +358,8 @@ def test_killed_peer_process(engine: HeartbeatEngine, peer_process: PeerProcess)
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("starts a Python peer process, seconds per start emulated")
+@pytest.mark.tcp_info_fields("segs_in", "probes")
 def test_frozen_peer_only_the_heartbeat_sees_it(engine: HeartbeatEngine,
                                                 peer_process: PeerProcess) -> None:
     """SIGSTOP: the peer's kernel still ACKs, so keepalive (short settings)
@@ -430,6 +436,7 @@ def test_bad_frames_kill_only_their_connection(engine: HeartbeatEngine,
             srv.close()
 
 
+@pytest.mark.no_qemu("a Python thread answers 1,000 PINGs/s: too slow emulated")
 def test_many_connections_one_dies(listener: socket.socket) -> None:
     n = 300
     eng = HeartbeatEngine(tick=0.01, capacity=16)          # grows in add()
@@ -460,6 +467,7 @@ def test_many_connections_one_dies(listener: socket.socket) -> None:
 
 # ---- shared connections -----------------------------------------------------
 
+@pytest.mark.tcp_info_fields("last_data_recv")
 def test_shared_app_data_is_life_and_never_read(engine: HeartbeatEngine,
                                                 listener: socket.socket) -> None:
     cli, srv = pair(listener)
@@ -488,6 +496,7 @@ def test_shared_app_data_is_life_and_never_read(engine: HeartbeatEngine,
         assert recv_exactly(cli, 9) == hb.encode(FrameType.PONG, frame.seq) + b"last"
 
 
+@pytest.mark.tcp_info_fields("last_data_recv")
 def test_shared_silent_peer_times_out(engine: HeartbeatEngine,
                                       listener: socket.socket) -> None:
     cli, srv = pair(listener)
