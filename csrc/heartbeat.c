@@ -67,6 +67,7 @@ struct conn {
     int64_t deadline_tick;
     int64_t ping_sent_us;       /* 0: no PING outstanding */
     int64_t ping_due_us;        /* when that PING was due */
+    uint64_t rx_bytes;          /* shared: tcpi_bytes_received at the last look */
     uint16_t seq, ping_seq;
     uint8_t rxlen, txlen;
     uint8_t collided;           /* both ends pinged in the same round */
@@ -459,8 +460,10 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
 }
 
 /* Silence on a shared connection, from the kernel: ms since the last data
- * segment arrived.  <0 = -errno. */
-static int64_t shared_silence(int fd, int *state)
+ * segment arrived (tcpi_last_data_recv), <0 = -errno.  *bytes gets
+ * tcpi_bytes_received (Linux 4.1+), or UINT64_MAX where the kernel's
+ * record is too short to have it. */
+static int64_t shared_silence(int fd, int *state, uint64_t *bytes)
 {
     struct fl_tcp_info ti;
     int len = fl_tcp_info(fd, &ti);
@@ -470,7 +473,24 @@ static int64_t shared_silence(int fd, int *state)
     *state = ti.tcpi_state;
     if ((size_t)len < offsetof(struct fl_tcp_info, tcpi_pmtu))
         return -ENOPROTOOPT;    /* kernel without tcpi_last_data_recv */
+    *bytes = (size_t)len >= offsetof(struct fl_tcp_info, tcpi_segs_out)
+        ? ti.tcpi_bytes_received : UINT64_MAX;
     return (int64_t)ti.tcpi_last_data_recv * 1000;
+}
+
+/* Moves last_heard to the kernel's "last data received", but only when
+ * data did arrive since the last look: tcpi_last_data_recv counts whole
+ * jiffies (1-10 ms), so on its own it can look a few ms younger than the
+ * last byte really is, which is no news at all. */
+static void shared_heard(struct conn *c, int64_t now, int64_t silence, uint64_t bytes)
+{
+    if (bytes != UINT64_MAX) {
+        if (bytes == c->rx_bytes)
+            return;
+        c->rx_bytes = bytes;
+    }
+    if (now - silence > c->last_heard_us)
+        c->last_heard_us = now - silence;
 }
 
 /* Shared connection: epoll says hang-up or error.  Nothing is read. */
@@ -478,10 +498,11 @@ static void on_shared_event(struct fl_hb *hb, int32_t i, uint32_t ev, int64_t no
 {
     struct conn *c = &hb->c[i];
     int st = -1;
-    int64_t silent = shared_silence(c->fd, &st);
+    uint64_t bytes = 0;
+    int64_t silent = shared_silence(c->fd, &st, &bytes);
 
-    if (silent >= 0 && now - silent > c->last_heard_us)
-        c->last_heard_us = now - silent;
+    if (silent >= 0)
+        shared_heard(c, now, silent, bytes);
     if (ev & EPOLLERR) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -518,14 +539,14 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
 
     if (c->flags & FL_HB_SHARED) {
         int st = -1;
-        silence = shared_silence(c->fd, &st);
+        uint64_t bytes = 0;
+        silence = shared_silence(c->fd, &st, &bytes);
         if (silence < 0) {
             conn_die(hb, i, FL_INVALID, (int)-silence, FL_M_HEARTBEAT, now - c->last_heard_us);
             return;
         }
         /* life counts from fl_hb_add on: an old idle stretch is no miss */
-        if (now - silence > c->last_heard_us)
-            c->last_heard_us = now - silence;
+        shared_heard(c, now, silence, bytes);
         silence = now - c->last_heard_us;
         c->quiet_since_us = c->last_heard_us;   /* the kernel can't tell PONGs apart */
     } else {
@@ -834,6 +855,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     int32_t i;
     int r, st;
     int64_t now;
+    uint64_t bytes = UINT64_MAX;
 
     if (!hb || interval_ms < 1 || misses < 2 || misses > 1000
         || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
@@ -852,7 +874,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     if (flags & FL_HB_SHARED) {
         /* shared mode lives on tcpi_last_data_recv: refuse now, not at the
          * first deadline, where TCP_INFO is short (qemu-user: 4 bytes) */
-        int64_t s = shared_silence(fd, &st);
+        int64_t s = shared_silence(fd, &st, &bytes);
         if (s < 0)
             return (int)s;
     }
@@ -886,6 +908,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     c->seq = c->ping_seq = 0;
     c->rxlen = c->txlen = 0;
     c->collided = 0;
+    c->rx_bytes = bytes;     /* shared: what the kernel had received so far */
     hb->fdmap[fd] = i;
     hb->nconn++;
     wheel_schedule(hb, i, now + c->interval_us);
