@@ -57,3 +57,9 @@ __all__ = [
     "detection_time", "detect_within", "plan_within", "retransmit_timeout",
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
 ]
+
+# Many connections at once: batch sweeps and the epoll Monitor.
+from .batch import Batch, Dead, TcpInfoRecords  # noqa: E402
+from .monitor import Death, Monitor  # noqa: E402
+
+__all__ += ["Batch", "Dead", "TcpInfoRecords", "Monitor", "Death"]
