@@ -80,20 +80,30 @@ static uint64_t token_of(int slot, uint32_t gen)
     return (uint64_t)gen << 32 | (uint32_t)slot;
 }
 
-/* The socket's identity; -errno if fd is not an open socket. */
+/* The socket's identity; -errno if fd is not an open socket.  SO_COOKIE
+ * alone when the kernel has it (it fails for anything but a socket); the
+ * fstat inode otherwise (kernel < 4.12), which is unique among open sockets
+ * but may be reused after a close. */
 static int identity(int fd, uint64_t *cookie, uint64_t *ino)
 {
     struct stat st;
     socklen_t len = sizeof *cookie;
 
+    int r;
+
+    *cookie = 0;
+    *ino = 0;
+    r = getsockopt(fd, SOL_SOCKET, SO_COOKIE, cookie, &len);
+    if (r == 0 && *cookie)
+        return 0;
+    if (r < 0 && (errno == EBADF || errno == ENOTSOCK))
+        return -errno;
+    *cookie = 0;
     if (fstat(fd, &st) < 0)
         return -errno;
     if (!S_ISSOCK(st.st_mode))
         return -ENOTSOCK;
     *ino = (uint64_t)st.st_ino;
-    *cookie = 0;
-    if (getsockopt(fd, SOL_SOCKET, SO_COOKIE, cookie, &len) < 0)
-        *cookie = 0;                     /* kernel < 4.12: inode only */
     return 0;
 }
 
@@ -103,7 +113,7 @@ static int same_socket(const struct reg *r)
 
     if (identity(r->fd, &cookie, &ino) < 0)
         return 0;
-    return ino == r->ino && cookie == r->cookie;
+    return cookie == r->cookie && ino == r->ino;
 }
 
 int fl_monitor_new(int max_events, struct fl_monitor **out)

@@ -30,6 +30,7 @@ def _child() -> None:  # pragma: no cover - runs in the child process
     lst.bind((HOST, 0))
     lst.listen(4096)
     peers: Dict[int, socket.socket] = {}
+    accepted = [0]
     lock = threading.Lock()
 
     def accept_loop() -> None:
@@ -40,6 +41,7 @@ def _child() -> None:  # pragma: no cover - runs in the child process
                 return
             with lock:
                 peers[addr[1]] = s
+                accepted[0] += 1
 
     threading.Thread(target=accept_loop, daemon=True).start()
     out = sys.stdout
@@ -49,15 +51,15 @@ def _child() -> None:  # pragma: no cover - runs in the child process
         cmd, *args = line.split()
         ports = [int(a) for a in args]
         reply = "ok"
-        if cmd == "wait":              # wait N: until N peers accepted (<= 30 s)
+        if cmd == "wait":              # wait N: until N accepted in all (<= 30 s)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 with lock:
-                    if len(peers) >= ports[0]:
+                    if accepted[0] >= ports[0]:
                         break
                 time.sleep(0.002)
             with lock:
-                reply = f"ok {len(peers)}"
+                reply = f"ok {accepted[0]}"
         elif cmd in ("fin", "rst", "shutwr", "send"):
             with lock:
                 for p in ports:

@@ -48,6 +48,8 @@ from .verdict import Flag, Method, Status, Verdict
 
 __all__ = ["Batch", "Dead", "TcpInfoRecords"]
 
+_STATUS = {int(s): s for s in Status}   # members by value: cheaper than Status(v)
+
 
 def _view(owner: Any, ptr: Any, nbytes: int, fmt: str) -> memoryview:
     """A memoryview of ``nbytes`` at ``ptr`` (C memory owned by the batch
@@ -282,11 +284,9 @@ class Batch:
         """``(index, fd, Status, errno)`` of every entry not alive - one
         Python object per dead entry, none for live ones."""
         b = self._live()
-        st, err, fds = self._status, self._err, self._fds
-        out = []
-        for i in self._dead[:b.ndead]:
-            out.append(Dead(i, fds[i], Status(st[i]), err[i]))
-        return out
+        st, err, fds, new = self._status, self._err, self._fds, tuple.__new__
+        return [new(Dead, (i, fds[i], _STATUS[st[i]], err[i]))
+                for i in self._dead[:b.ndead]]
 
     def verdict(self, i: int) -> Verdict:
         """Entry ``i``'s result as a :class:`Verdict` (made on request)."""

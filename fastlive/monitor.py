@@ -52,6 +52,10 @@ __all__ = ["Monitor", "Death"]
 
 _BEHIND_BACK = lib.FL_F_BEHIND_BACK
 _FLAG_MASK = 0xFF
+# Enum members by value, looked up per death (an Enum call costs ~10x more).
+_STATUS = {int(s): s for s in Status}
+_METHOD = {int(m): m for m in Method}
+_FLAGS = {i: Flag(i) for i in range(_FLAG_MASK + 1)}
 
 
 class Death(NamedTuple):
@@ -162,13 +166,14 @@ class Monitor:
             if n < 0:
                 check_rc(n)
             out = []
-            reg = self._reg
+            reg, new = self._reg, tuple.__new__
             for i in range(n):
                 d = self._out[i]
-                fd, key, _obj = reg.pop(int(d.token), (d.fd, None, None))
-                out.append(Death(fd, key, Status(d.status), d.err,
-                                 Method(d.method), Flag(d.flags & _FLAG_MASK),
-                                 bool(d.flags & _BEHIND_BACK), d.events))
+                fl = d.flags
+                fd, key, _obj = reg.pop(d.token, (d.fd, None, None))
+                out.append(new(Death, (fd, key, _STATUS[d.status], d.err,
+                                       _METHOD[d.method], _FLAGS[fl & _FLAG_MASK],
+                                       bool(fl & _BEHIND_BACK), d.events)))
             return out
         finally:
             self._lock.release()
