@@ -236,11 +236,16 @@ def run_n(n: int, rounds: int, plain: Plain, target_ns: int,
                 "fastlive": b.sweep_states,
                 "plain C": pl.pl_states,
                 "python": py.states}
+            results["states"] = measure(states, rounds, n, target_ns)
             if use_psutil and psutil is not None:
+                # Apart, paired with the Python loop: psutil reads /proc
+                # (every fd link, all of /proc/net/tcp*) and would disturb
+                # the caches of whatever is timed after it.
                 proc = psutil.Process()
                 conns = getattr(proc, "net_connections", None) or proc.connections
-                states["psutil"] = lambda: conns(kind="tcp")
-            results["states"] = measure(states, rounds, n, target_ns)
+                results["psutil"] = measure({
+                    "psutil": lambda: conns(kind="tcp"),
+                    "python": py.states}, max(3, rounds // 4), n, target_ns)
             results["tcp_info"] = measure({
                 "fastlive": b.sweep_tcp_info,
                 "plain C": pl.pl_tcp_info,
@@ -304,11 +309,10 @@ def wait_with_deaths(ph: PeerHolder, mon: Monitor, n: int,
                     for s in victims:
                         mon.add(s)
                     ph.fin(victims + w)
-                    deadline = time.monotonic() + 5
-                    while time.monotonic() < deadline:      # all k queued?
-                        if select.select([mon.fileno()], [], [], 0.5)[0]:
-                            time.sleep(0.02)
-                            break
+                    ready = select.poll()               # fd may be >= 1024
+                    ready.register(mon.fileno(), select.POLLIN)
+                    if ready.poll(5000):                # then let all k queue
+                        time.sleep(0.02)
                     spin(0.002)
                     warm.add(w[0])
                     warm.wait(0.5)
@@ -397,43 +401,57 @@ def machine() -> Dict[str, str]:
 
 # --- report ---------------------------------------------------------------------
 
+def paired(cont: Dict[str, List[float]], a: str, b: str) -> float:
+    """Median over rounds of a/b, each round's two samples taken side by
+    side: robust against load that drifts between rounds."""
+    return statistics.median(x / y for x, y in zip(cont[a], cont[b]))
+
+
 def table(all_res: Dict[int, Dict[str, Dict[str, List[float]]]]) -> str:
     lines = ["| sweep | N | contender | median ns/fd | min ns/fd | x plain C | x python |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for n, res in all_res.items():
         for kind, cont in res.items():
-            med = {k: statistics.median(v) for k, v in cont.items()}
-            unit = "ns/call" if kind == "epoll" else ""
+            if kind == "psutil":
+                continue
+            unit = " (ns/call)" if kind == "epoll" else ""
             for k, v in cont.items():
-                xc = med[k] / med["plain C"]
-                xp = med[k] / med["python"]
-                name = k + (f" ({unit})" if unit else "")
-                lines.append(f"| {kind} | {n} | {name} | {med[k]:.1f} | {min(v):.1f} "
-                             f"| {xc:.2f} | {xp:.2f} |")
+                lines.append(f"| {kind} | {n} | {k}{unit} | {statistics.median(v):.1f} "
+                             f"| {min(v):.1f} | {paired(cont, k, 'plain C'):.2f} "
+                             f"| {paired(cont, k, 'python'):.2f} |")
+            if kind == "states" and "psutil" in res:
+                v = res["psutil"]["psutil"]
+                xc = statistics.median(v) / statistics.median(cont["plain C"])
+                lines.append(f"| states | {n} | psutil net_connections | "
+                             f"{statistics.median(v):.1f} | {min(v):.1f} | {xc:.2f} "
+                             f"| {paired(res['psutil'], 'psutil', 'python'):.2f} |")
     return "\n".join(lines)
 
 
 def targets(all_res: Dict[int, Dict[str, Dict[str, List[float]]]]) -> str:
+    """Each target with its paired-median ratio (and the ratio of minima)."""
     out = []
+
+    def line(n: int, what: str, r: float, rmin: float, ok: bool, goal: str) -> None:
+        out.append(f"N={n} {what} = {r:.3f} (of minima {rmin:.3f}) "
+                   f"{'ok' if ok else 'MISSED'} {goal}")
+
     for n, res in all_res.items():
-        med = {kind: {k: statistics.median(v) for k, v in cont.items()}
-               for kind, cont in res.items()}
+        mins = {kind: {k: min(v) for k, v in cont.items()} for kind, cont in res.items()}
         for kind in ("poll", "states", "tcp_info", "peek"):
-            r = med[kind]["fastlive"] / med[kind]["plain C"]
-            out.append(f"N={n} {kind}: fastlive/plain C = {r:.3f} "
-                       f"({'ok' if r <= 1.15 else 'MISSED'} <= 1.15)")
-        s = med["states"]["python"] / med["states"]["fastlive"]
-        out.append(f"N={n} states: python/fastlive = {s:.2f} "
-                   f"({'ok' if s > 1 else 'MISSED'} > 1)")
-        t = med["tcp_info"]["python"] / med["tcp_info"]["fastlive"]
-        out.append(f"N={n} tcp_info: python+unpack/fastlive = {t:.2f} "
-                   f"({'ok' if t >= 3 else 'MISSED'} >= 3)")
-        p = med["peek"]["python"] / med["peek"]["fastlive"]
-        out.append(f"N={n} peek: python/fastlive = {p:.2f} "
-                   f"({'ok' if p >= 2 else 'MISSED'} >= 2)")
-        w = med["epoll"]["fastlive"] / 1000
-        out.append(f"N={n} Monitor.wait(0), no events: {w:.2f} us "
-                   f"({'ok' if w <= 3 else 'MISSED'} <= 3 us)")
+            r = paired(res[kind], "fastlive", "plain C")
+            line(n, f"{kind}: fastlive/plain C", r,
+                 mins[kind]["fastlive"] / mins[kind]["plain C"], r <= 1.15, "<= 1.15")
+        for kind, goal, lim in (("states", "> 1", 1.0), ("tcp_info", ">= 3", 3.0),
+                                ("peek", ">= 2", 2.0)):
+            r = paired(res[kind], "python", "fastlive")
+            line(n, f"{kind}: python/fastlive", r,
+                 mins[kind]["python"] / mins[kind]["fastlive"],
+                 r > lim if goal == "> 1" else r >= lim, goal)
+        w = statistics.median(res["epoll"]["fastlive"]) / 1000
+        out.append(f"N={n} Monitor.wait(0), no events: {w:.2f} us (min "
+                   f"{min(res['epoll']['fastlive']) / 1000:.2f}) "
+                   f"{'ok' if w <= 3 else 'MISSED'} <= 3 us")
     return "\n".join(out)
 
 
@@ -454,7 +472,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     info = machine()
     print("# fastlive batch/monitor benchmark")
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-    print(f"N = {ns}, {rounds} interleaved rounds; 1% FIN + 1% RST peers")
+    print(f"N = {ns}, {rounds} interleaved rounds; 1% FIN + 1% RST peers; "
+          "ratios are medians of per-round paired ratios")
     sys.stdout.flush()
     plain = build_plain()
     all_res = {}

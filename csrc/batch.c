@@ -146,8 +146,10 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
     /* Duplicates: sort (fd, index) and mark every copy after the first. */
     if (n > 1) {
         keys = malloc((size_t)n * sizeof *keys);
-        if (!keys)
+        if (!keys) {
+            b->n = b->ndead = b->nbad = 0;  /* empty rather than half-built */
             return -ENOMEM;
+        }
         for (i = 0; i < n; i++)
             keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
         qsort(keys, (size_t)n, sizeof *keys, cmp_u64);

@@ -132,9 +132,9 @@ class Monitor:
             fd = -1
         if fd >= 0:
             tok = int(lib.fl_monitor_token_of(m, fd))
-            if tok and self._reg.get(tok, (0, None, None))[2] is what:
+            if tok:
                 return tok
-        for tok, (_fd, key, obj) in self._reg.items():   # closed socket: scan
+        for tok, (_fd, key, obj) in self._reg.items():   # closed socket, key: scan
             if obj is what or key is what:
                 return tok
         return 0

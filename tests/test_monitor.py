@@ -116,6 +116,12 @@ def test_remove(pairs, mon):
     assert not mon.remove(ps[0][0])
     ps[2][0].close()                        # closed python socket: found by object
     assert mon.remove(ps[2][0])
+    (c, p), = pairs(1)
+    mon.add(c.fileno(), key="k")
+    assert c in mon and mon.remove(c)       # added by fd, removed by socket
+    mon.add(c, key="k2")
+    assert mon.remove("k2")                 # or by key
+    p.close()
     for _, p in ps:
         p.close()
     assert mon.wait(0.05) == [] and len(mon) == 0
