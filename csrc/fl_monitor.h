@@ -32,7 +32,7 @@ struct fl_monitor;
 int  fl_monitor_new(int max_events, struct fl_monitor **out);
 void fl_monitor_free(struct fl_monitor *m);
 int  fl_monitor_fileno(const struct fl_monitor *m);
-int  fl_monitor_count(const struct fl_monitor *m);
+int  fl_monitor_count(struct fl_monitor *m);
 /* Registers fd (a connected TCP socket) for EPOLLRDHUP|EPOLLERR|EPOLLHUP.
  * armed marks that the caller armed the kernel timers (reported in flags).
  * Returns 1 and *token for a new registration, 0 and the existing token
@@ -43,11 +43,15 @@ int  fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token);
 /* Ends a registration; 0, or -ENOENT for an unknown or stale token. */
 int  fl_monitor_remove(struct fl_monitor *m, uint64_t token);
 /* The token registered for fd number fd (any socket), or 0 for none. */
-uint64_t fl_monitor_token_of(const struct fl_monitor *m, int fd);
+uint64_t fl_monitor_token_of(struct fl_monitor *m, int fd);
 /* Deaths since the last call, at most max, waiting up to timeout_ms (>= 0)
- * for the first.  A reported registration is removed.  Count or -errno. */
+ * for the first.  A reported registration is removed.  Count or -errno.
+ * One waiter at a time; add/remove/verify may run in other threads while
+ * it sleeps in epoll_wait (a mutex guards the tables, never the sleep). */
 int  fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
                      struct fl_death *out, int max);
+/* Makes a sleeping fl_monitor_wait return now (e.g. before freeing). */
+void fl_monitor_wake(struct fl_monitor *m);
 /* O(N): checks every registration's identity and queues a pending death
  * for each fd closed or reused behind the monitor's back.  Count found. */
 int  fl_monitor_verify(struct fl_monitor *m);

@@ -28,6 +28,7 @@
 #include "fl_monitor.h"
 
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -59,6 +60,7 @@ struct reg {
 };
 
 struct fl_monitor {
+    pthread_mutex_t lock;  /* the tables; never held across epoll_wait */
     int epfd;
     int wakefd;            /* eventfd in the set: pending deaths wake it */
     int wake_set;
@@ -130,6 +132,7 @@ int fl_monitor_new(int max_events, struct fl_monitor **out)
         return -ENOMEM;
     m->epfd = m->wakefd = -1;
     m->max_events = max_events;
+    pthread_mutex_init(&m->lock, NULL);
     m->events = calloc((size_t)max_events, sizeof *m->events);
     if (!m->events) {
         err = ENOMEM;
@@ -172,6 +175,7 @@ void fl_monitor_free(struct fl_monitor *m)
     free(m->freelist);
     free(m->byfd);
     free(m->pending);
+    pthread_mutex_destroy(&m->lock);
     free(m);
 }
 
@@ -180,18 +184,42 @@ int fl_monitor_fileno(const struct fl_monitor *m)
     return m->epfd;
 }
 
-int fl_monitor_count(const struct fl_monitor *m)
+int fl_monitor_count(struct fl_monitor *m)
 {
-    return m->live;
+    int n;
+
+    pthread_mutex_lock(&m->lock);
+    n = m->live;
+    pthread_mutex_unlock(&m->lock);
+    return n;
 }
 
-uint64_t fl_monitor_token_of(const struct fl_monitor *m, int fd)
+uint64_t fl_monitor_token_of(struct fl_monitor *m, int fd)
 {
+    uint64_t tok = 0;
     int s;
 
-    if (fd < 0 || fd >= m->byfd_cap || !(s = m->byfd[fd]))
-        return 0;
-    return token_of(s - 1, m->regs[s - 1].gen);
+    pthread_mutex_lock(&m->lock);
+    if (fd >= 0 && fd < m->byfd_cap && (s = m->byfd[fd]))
+        tok = token_of(s - 1, m->regs[s - 1].gen);
+    pthread_mutex_unlock(&m->lock);
+    return tok;
+}
+
+static void wake_locked(struct fl_monitor *m)
+{
+    if (!m->wake_set) {
+        uint64_t one = 1;
+        if (write(m->wakefd, &one, sizeof one) == (ssize_t)sizeof one)
+            m->wake_set = 1;
+    }
+}
+
+void fl_monitor_wake(struct fl_monitor *m)
+{
+    pthread_mutex_lock(&m->lock);
+    wake_locked(m);
+    pthread_mutex_unlock(&m->lock);
 }
 
 static void free_slot(struct fl_monitor *m, int slot)
@@ -219,11 +247,7 @@ static int queue_pending(struct fl_monitor *m, const struct fl_death *d)
         m->pending_cap = cap;
     }
     m->pending[m->npending++] = *d;
-    if (!m->wake_set) {
-        uint64_t one = 1;
-        if (write(m->wakefd, &one, sizeof one) == (ssize_t)sizeof one)
-            m->wake_set = 1;
-    }
+    wake_locked(m);
     return 0;
 }
 
@@ -280,12 +304,13 @@ static int grow_byfd(struct fl_monitor *m, int fd)
     return 0;
 }
 
+static int add_locked(struct fl_monitor *m, int fd, int armed, uint64_t cookie,
+                      uint64_t ino, uint64_t *token);
+
 int fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token)
 {
-    struct epoll_event ev;
     uint64_t cookie, ino;
-    struct reg *r;
-    int slot, st, rc;
+    int st, rc;
 
     *token = 0;
     if (fd < 0)
@@ -297,6 +322,19 @@ int fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token)
         return st;
     if (st == TCP_LISTEN)
         return -EOPNOTSUPP;
+    pthread_mutex_lock(&m->lock);
+    rc = add_locked(m, fd, armed, cookie, ino, token);
+    pthread_mutex_unlock(&m->lock);
+    return rc;
+}
+
+static int add_locked(struct fl_monitor *m, int fd, int armed, uint64_t cookie,
+                      uint64_t ino, uint64_t *token)
+{
+    struct epoll_event ev;
+    struct reg *r;
+    int slot, rc;
+
     if (fd >= m->byfd_cap && (rc = grow_byfd(m, fd)) < 0)
         return rc;
     if (m->byfd[fd]) {
@@ -359,30 +397,36 @@ int fl_monitor_remove(struct fl_monitor *m, uint64_t token)
     struct reg *r;
     int slot;
 
+    pthread_mutex_lock(&m->lock);
     r = lookup(m, token, &slot);
-    if (!r)
+    if (!r) {
+        pthread_mutex_unlock(&m->lock);
         return -ENOENT;
+    }
     /* Only a number that still names this socket may be deleted: another
      * socket's registration could sit under the same number.  EBADF and
      * ENOENT mean the kernel already dropped it. */
     if (same_socket(r))
         epoll_ctl(m->epfd, EPOLL_CTL_DEL, r->fd, NULL);
     free_slot(m, slot);
+    pthread_mutex_unlock(&m->lock);
     return 0;
 }
 
 int fl_monitor_verify(struct fl_monitor *m)
 {
-    int i, found = 0, rc;
+    int i, found = 0, rc = 0;
 
+    pthread_mutex_lock(&m->lock);
     for (i = 0; i < m->nregs; i++) {
         if (!m->regs[i].live || same_socket(&m->regs[i]))
             continue;
         if ((rc = behind_back(m, i, 0)) < 0)
-            return rc;
+            break;
         found++;
     }
-    return found;
+    pthread_mutex_unlock(&m->lock);
+    return rc < 0 ? rc : found;
 }
 
 static int take_so_error(int fd)
@@ -438,6 +482,26 @@ static int64_t now_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+/* Moves pending deaths into out; clears the wake signal once none are
+ * left.  Under the lock. */
+static int drain_pending(struct fl_monitor *m, struct fl_death *out, int room)
+{
+    int k = m->npending < room ? m->npending : room;
+
+    if (k > 0) {
+        memcpy(out, m->pending, (size_t)k * sizeof *out);
+        memmove(m->pending, m->pending + k,
+                (size_t)(m->npending - k) * sizeof *out);
+        m->npending -= k;
+    }
+    if (!m->npending && m->wake_set) {
+        uint64_t v;
+        if (read(m->wakefd, &v, sizeof v) == (ssize_t)sizeof v || errno == EAGAIN)
+            m->wake_set = 0;
+    }
+    return k;
+}
+
 int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
                     struct fl_death *out, int max)
 {
@@ -448,33 +512,35 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
         return -EINVAL;
     if (timeout_ms > 0)
         deadline = now_ms() + timeout_ms;
-    if (m->npending) {
-        int k = m->npending < max ? m->npending : max;
-        memcpy(out, m->pending, (size_t)k * sizeof *out);
-        memmove(m->pending, m->pending + k,
-                (size_t)(m->npending - k) * sizeof *out);
-        m->npending -= k;
-        n = k;
+    pthread_mutex_lock(&m->lock);
+    if (m->npending || m->wake_set) {
+        /* wake_set with nothing pending is a bare fl_monitor_wake(): it
+         * asks this very call to return at once. */
+        int bare = !m->npending;
+        n = drain_pending(m, out, max);
+        if (bare) {
+            pthread_mutex_unlock(&m->lock);
+            return 0;
+        }
     }
-    if (!m->npending && m->wake_set) {
-        uint64_t v;
-        if (read(m->wakefd, &v, sizeof v) == (ssize_t)sizeof v || errno == EAGAIN)
-            m->wake_set = 0;
-    }
+    pthread_mutex_unlock(&m->lock);
     for (;;) {
         int want = max - n < m->max_events ? max - n : m->max_events;
-        int tmo = 0, got, i;
+        int tmo = 0, got, i, woken = 0;
 
         if (!n && timeout_ms > 0) {
             int64_t left = deadline - now_ms();
             tmo = left > 0 ? (int)left : 0;
         }
-        got = epoll_wait(m->epfd, m->events, want, tmo);
+        if (want < 1)
+            break;
+        got = epoll_wait(m->epfd, m->events, want, tmo);   /* unlocked */
         if (got < 0) {
             if (errno != EINTR)
                 return n ? n : -errno;
             got = 0;                    /* retry against the deadline */
         }
+        pthread_mutex_lock(&m->lock);
         for (i = 0; i < got; i++) {
             uint64_t tok = m->events[i].data.u64;
             uint32_t evs = m->events[i].events;
@@ -482,8 +548,10 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
             struct reg *r;
             int slot;
 
-            if (tok == WAKE_TOKEN)
-                continue;               /* pending deaths: taken above */
+            if (tok == WAKE_TOKEN) {
+                woken = 1;              /* pending deaths, or a wake() */
+                continue;
+            }
             r = lookup(m, tok, &slot);
             if (!r)
                 continue;               /* a removed registration's event */
@@ -502,11 +570,14 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
             free_slot(m, slot);
             n++;
         }
+        if (woken)
+            n += drain_pending(m, out + n, max - n);
+        pthread_mutex_unlock(&m->lock);
         if (n >= max)
             break;
         if (got == want)
             continue;                   /* array came back full: look again */
-        if (n || tmo == 0)
+        if (n || tmo == 0 || woken)
             break;
         /* only stale events (or EINTR) before the deadline: wait the rest */
     }

@@ -74,10 +74,13 @@ class Death(NamedTuple):
 class Monitor:
     """Watch many connections for death with one epoll set.
 
-    Use from one thread at a time (the event loop's, typically); a second
-    thread entering while a call runs gets RuntimeError rather than a race.
-    ``max_events`` is the size of the fixed event array filled per
-    ``epoll_wait``; more deaths than that are collected by looping.
+    One thread may sleep in :meth:`wait` while others :meth:`add`,
+    :meth:`remove` or :meth:`verify` (epoll allows that, and the monitor's
+    tables are locked for the short moments they change, never during the
+    sleep); a second thread calling :meth:`wait` at the same time gets
+    RuntimeError.  ``max_events`` is the size of the fixed event array
+    filled per ``epoll_wait``; more deaths than that are collected by
+    looping.
     """
 
     def __init__(self, max_events: int = 256) -> None:
@@ -89,15 +92,15 @@ class Monitor:
         self._out = ffi.new("struct fl_death[]", max_events)
         self._tok = ffi.new("uint64_t *")
         self._reg: Dict[int, Tuple[int, Any, SocketLike]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()      # _reg and add/remove/verify
+        self._waiting = threading.Lock()   # the one waiter
         self._wait = lib.fl_monitor_wait
 
-    def _enter(self) -> Any:
-        if self._m is None:
+    def _live(self) -> Any:
+        m = self._m
+        if m is None:
             raise ValueError("the monitor is closed")
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("Monitor used from two threads at once")
-        return self._m
+        return m
 
     def add(self, sock: SocketLike, within: Optional[float] = None, *,
             key: Any = None) -> Optional[Bound]:
@@ -110,9 +113,9 @@ class Monitor:
         socket already watched only updates its key.  OSError for a bad fd,
         a non-TCP socket (EOPNOTSUPP, ENOTSOCK) or a listening one.
         """
-        m = self._enter()
-        try:
-            fd = fd_of(sock)
+        fd = fd_of(sock)
+        with self._lock:
+            m = self._live()
             bound = detect_within(fd, within) if within is not None else None
             rc = check_rc(lib.fl_monitor_add(m, fd, within is not None, self._tok))
             token = int(self._tok[0])
@@ -120,8 +123,6 @@ class Monitor:
                 key = self._reg[token][1]
             self._reg[token] = (fd, sock if key is None else key, sock)
             return bound
-        finally:
-            self._lock.release()
 
     def _token_for(self, m: Any, what: Any) -> int:
         if isinstance(what, int) and not isinstance(what, bool):
@@ -143,84 +144,78 @@ class Monitor:
         """Stop watching a socket (by the socket, its fd or its key).
         Returns False when it was not watched (or its death was already
         reported)."""
-        m = self._enter()
-        try:
+        with self._lock:
+            m = self._live()
             tok = self._token_for(m, what)
             if not tok or lib.fl_monitor_remove(m, tok) < 0:
                 return False
             self._reg.pop(tok, None)
             return True
-        finally:
-            self._lock.release()
 
     def wait(self, timeout: float = 0.0) -> List[Death]:
         """The connections that died since the last call, waiting up to
         ``timeout`` seconds (0: just look) for the first.  Each is reported
-        once and no longer watched afterwards."""
+        once and no longer watched afterwards.  Returns early (possibly
+        empty) when :meth:`close` is called from another thread."""
         ms = timeout_ms(timeout)
-        m = self._enter()
+        if not self._waiting.acquire(blocking=False):
+            raise RuntimeError("another thread is already in Monitor.wait()")
         try:
-            n = self._wait(m, ms, self._out, self._max)
+            n = self._wait(self._live(), ms, self._out, self._max)
             if n == 0:
                 return []
             if n < 0:
                 check_rc(n)
             out = []
-            reg, new = self._reg, tuple.__new__
-            for i in range(n):
-                d = self._out[i]
-                fl = d.flags
-                fd, key, _obj = reg.pop(d.token, (d.fd, None, None))
-                out.append(new(Death, (fd, key, _STATUS[d.status], d.err,
-                                       _METHOD[d.method], _FLAGS[fl & _FLAG_MASK],
-                                       bool(fl & _BEHIND_BACK), d.events)))
+            with self._lock:
+                reg, new = self._reg, tuple.__new__
+                for i in range(n):
+                    d = self._out[i]
+                    fl = d.flags
+                    fd, key, _obj = reg.pop(d.token, (d.fd, None, None))
+                    out.append(new(Death, (fd, key, _STATUS[d.status], d.err,
+                                           _METHOD[d.method], _FLAGS[fl & _FLAG_MASK],
+                                           bool(fl & _BEHIND_BACK), d.events)))
             return out
         finally:
-            self._lock.release()
+            self._waiting.release()
 
     def verify(self) -> int:
         """Check every registration's socket identity (O(N) syscalls) and
         queue a death for each fd closed or reused behind the monitor's
         back; they are returned by the next :meth:`wait` (which the
         monitor's fd then wakes).  Returns how many were found."""
-        m = self._enter()
-        try:
-            return check_rc(lib.fl_monitor_verify(m))
-        finally:
-            self._lock.release()
+        with self._lock:
+            return check_rc(lib.fl_monitor_verify(self._live()))
 
     def __len__(self) -> int:
         """Registrations being watched."""
-        if self._m is None:
-            return 0
-        return int(lib.fl_monitor_count(self._m))
+        with self._lock:
+            m = self._m
+            return 0 if m is None else int(lib.fl_monitor_count(m))
 
     def __contains__(self, what: Any) -> bool:
-        if self._m is None:
-            return False
-        m = self._enter()
-        try:
-            return self._token_for(m, what) != 0
-        finally:
-            self._lock.release()
+        with self._lock:
+            m = self._m
+            return m is not None and self._token_for(m, what) != 0
 
     def fileno(self) -> int:
         """The epoll fd: readable when :meth:`wait` has something to return."""
-        if self._m is None:
-            raise ValueError("the monitor is closed")
-        return int(lib.fl_monitor_fileno(self._m))
+        return int(lib.fl_monitor_fileno(self._live()))
 
     def close(self) -> None:
-        """Close the epoll set (the watched sockets stay open)."""
-        m = self._enter() if self._m is not None else None
+        """Close the epoll set (the watched sockets stay open).  A thread
+        sleeping in :meth:`wait` is woken and returns first."""
+        m = self._m
         if m is None:
             return
-        try:
+        lib.fl_monitor_wake(m)
+        with self._waiting, self._lock:
+            if self._m is None:
+                return
             self._m = None
             self._reg.clear()
             ffi.release(m)
-        finally:
-            self._lock.release()
 
     @property
     def closed(self) -> bool:

@@ -348,3 +348,40 @@ def test_silent_death_reported_within_bound():
         assert got["busy"]["method"] == "USER_TIMEOUT"
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_add_while_another_thread_waits(pairs):
+    """epoll lets one thread sleep in wait() while another adds; the death
+    of a socket added meanwhile reaches the waiter with its key."""
+    import threading
+    (c, p), = pairs(1)
+    got: List[Death] = []
+    with Monitor() as m:
+        t = threading.Thread(target=lambda: got.extend(collect(m, 1, 5)))
+        t.start()
+        try:
+            time.sleep(0.05)
+            with pytest.raises(RuntimeError):
+                m.wait(0)                   # one waiter at a time
+            m.add(c, key="late")
+            p.close()
+        finally:
+            t.join(10)
+    assert not t.is_alive()
+    assert [(d.key, d.status) for d in got] == [("late", Status.PEER_CLOSED)]
+
+
+def test_close_wakes_a_waiting_thread():
+    import threading
+    m = Monitor()
+    done = []
+    t = threading.Thread(target=lambda: done.append(m.wait(20)))
+    t.start()
+    deadline = time.monotonic() + 5
+    while not m._waiting.locked() and time.monotonic() < deadline:
+        time.sleep(0.001)                   # the thread is in wait()
+    assert m._waiting.locked()
+    start = time.monotonic()
+    m.close()
+    t.join(10)
+    assert done == [[]] and time.monotonic() - start < 5
