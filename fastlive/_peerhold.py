@@ -92,7 +92,7 @@ class PeerHolder:
 
     def __init__(self, timeout: float = 30.0) -> None:
         self.timeout = timeout
-        self.proc: Optional[subprocess.Popen] = subprocess.Popen(
+        self.proc: Optional["subprocess.Popen[str]"] = subprocess.Popen(
             [sys.executable, "-m", "fastlive._peerhold"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -107,7 +107,7 @@ class PeerHolder:
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("peer holder exited")
-        return line.strip()
+        return str(line).strip()
 
     def _cmd(self, line: str) -> str:
         assert self.proc is not None and self.proc.stdin is not None

@@ -38,8 +38,8 @@ EEXIST) and are skipped by every sweep.  An fd closed after the build is
 from __future__ import annotations
 
 from array import array
-from typing import (Any, Iterable, Iterator, List, NamedTuple, Optional,
-                    Sequence, Union, overload)
+from typing import (Any, Iterable, Iterator, List, Literal, NamedTuple,
+                    Optional, Sequence, Tuple, Union, overload)
 
 from ._lib import SocketLike, check_rc, fd_of, ffi, lib, timeout_ms
 from .tcpinfo import TCP_INFO_SIZE, TcpInfo
@@ -51,7 +51,8 @@ __all__ = ["Batch", "Dead", "TcpInfoRecords"]
 _STATUS = {int(s): s for s in Status}   # members by value: cheaper than Status(v)
 
 
-def _view(owner: Any, ptr: Any, nbytes: int, fmt: str) -> memoryview:
+def _view(owner: Any, ptr: Any, nbytes: int,
+          fmt: Literal["B", "i", "I"]) -> memoryview:
     """A memoryview of ``nbytes`` at ``ptr`` (C memory owned by the batch
     cdata ``owner``) that keeps ``owner`` alive as long as the view lives,
     so a view never outlives the arrays it shows."""
@@ -63,7 +64,7 @@ def _view(owner: Any, ptr: Any, nbytes: int, fmt: str) -> memoryview:
 class Dead(NamedTuple):
     """One entry that is not alive after a sweep."""
 
-    index: int       #: position in the batch
+    idx: int         #: position in the batch
     fd: int
     status: Status
     errno: int
@@ -87,7 +88,7 @@ class TcpInfoRecords(Sequence[Optional[TcpInfo]]):
         self.ndead = ndead
 
     def __len__(self) -> int:
-        return self._batch._b.n
+        return int(self._batch._b.n)
 
     @overload
     def __getitem__(self, i: int) -> Optional[TcpInfo]: ...
@@ -98,15 +99,14 @@ class TcpInfoRecords(Sequence[Optional[TcpInfo]]):
         b = self._batch._b
         if isinstance(i, slice):
             return [self[k] for k in range(*i.indices(b.n))]
-        if i < 0:
-            i += b.n
-        if not 0 <= i < b.n:
+        k: int = i + b.n if i < 0 else i
+        if not 0 <= k < b.n:
             raise IndexError("batch index out of range")
-        n = b.info_len[i] if b.info != ffi.NULL else 0
+        n = b.info_len[k] if b.info != ffi.NULL else 0
         if n == 0:
             return None
         raw = ffi.new("struct fl_tcp_info *")
-        ffi.memmove(raw, b.info + i, min(n, TCP_INFO_SIZE))
+        ffi.memmove(raw, b.info + k, min(n, TCP_INFO_SIZE))
         return TcpInfo(raw, n)
 
     @property
@@ -144,7 +144,7 @@ class Batch:
     def __init__(self, socks: Iterable[SocketLike] = ()) -> None:
         self._b: Any = None
         self._objs: List[SocketLike] = []
-        self._arr = array("i")
+        self._arr: "array[int]" = array("i")
         self._records: Optional[TcpInfoRecords] = None
         ptr = ffi.new("struct fl_batch **")
         objs, arr = self._prepare(socks)
@@ -154,7 +154,7 @@ class Batch:
         self._views()
 
     @staticmethod
-    def _prepare(socks: Iterable[SocketLike]) -> "tuple[List[SocketLike], array]":
+    def _prepare(socks: Iterable[SocketLike]) -> Tuple[List[SocketLike], "array[int]"]:
         objs = list(socks)
         arr = array("i", [fd_of(s) if not isinstance(s, int) or s >= -0x80000000
                           else -1 for s in objs])
@@ -281,7 +281,7 @@ class Batch:
         return self._dead[:b.ndead].toreadonly()
 
     def dead(self) -> List[Dead]:
-        """``(index, fd, Status, errno)`` of every entry not alive - one
+        """``(idx, fd, Status, errno)`` of every entry not alive - one
         Python object per dead entry, none for live ones."""
         b = self._live()
         st, err, fds, new = self._status, self._err, self._fds, tuple.__new__
@@ -297,9 +297,12 @@ class Batch:
             raise IndexError("batch index out of range")
         m = b.method
         st = self._state[i]
+        # TcpState.of gives the bare int for a state the enum lacks, as in
+        # Verdict._from_c.
+        state = TcpState.of(st) if st else None
         return Verdict(Status(self._status[i]),
                        Method(m) if m >= 0 else Method.TCP_INFO,
-                       self._err[i], TcpState.of(st) if st else None,
+                       self._err[i], state,  # type: ignore[arg-type]
                        Flag(self._flags[i]))
 
     def __iter__(self) -> Iterator[Verdict]:

@@ -83,7 +83,7 @@ def test_fin(pairs, kind):
     ps[2][1].close()
     assert settle(b, kind, 1) == 1
     [d] = b.dead()
-    assert (d.index, d.fd, d.status, d.errno) == (2, ps[2][0].fileno(), Status.PEER_CLOSED, 0)
+    assert (d.idx, d.fd, d.status, d.errno) == (2, ps[2][0].fileno(), Status.PEER_CLOSED, 0)
     if kind == "poll":
         assert b.flags[2] == Flag.WRITE_OPEN
     if kind in ("states", "tcp_info"):
@@ -100,7 +100,7 @@ def test_rst(pairs, kind):
     rst(ps[1][1])
     assert settle(b, kind, 1) == 1
     [d] = b.dead()
-    assert d.index == 1
+    assert d.idx == 1
     if kind in ("poll", "peek"):
         assert (d.status, d.errno) == (Status.RESET, 104)
         # the kernel reports ECONNRESET once; the batch keeps the reason
@@ -140,7 +140,7 @@ def test_bad_entries(pairs):
         for kind in ("init",) + SWEEPS:
             if kind != "init":
                 assert sweep(b, kind) == len(want)
-            got = {d.index: d.errno for d in b.dead()}
+            got = {d.idx: d.errno for d in b.dead()}
             assert got == want, kind
             assert all(d.status is Status.INVALID for d in b.dead())
             assert b.statuses[0] == Status.ALIVE
@@ -197,7 +197,7 @@ def test_rebuild_and_views(pairs):
     ps[0][1].close()
     b.rebuild([c for c, _ in ps])
     assert len(b) == 4 and len(old) == 2     # the old view still reads
-    assert settle(b, "poll", 1) == 1 and b.dead()[0].index == 0
+    assert settle(b, "poll", 1) == 1 and b.dead()[0].idx == 0
     b.close()
     assert bytes(old) == bytes(2)            # views outlive close()
     with pytest.raises(ValueError):
@@ -219,8 +219,8 @@ def test_sigkilled_peer_and_huge_batch():
             want = {i for i in range(10, n, 100)} | {i for i in range(55, n, 100)}
             assert settle(b, "poll", len(want)) == len(want)
             dead = b.dead()
-            assert {d.index for d in dead} == want
-            by = {d.index: d.status for d in dead}
+            assert {d.idx for d in dead} == want
+            by = {d.idx: d.status for d in dead}
             assert all(by[i] is Status.PEER_CLOSED for i in range(10, n, 100))
             assert all(by[i] is Status.RESET for i in range(55, n, 100))
             assert b.sweep_states() == len(want)
