@@ -64,7 +64,7 @@ def make_ffi(absolute: bool = False) -> FFI:
         sources=c_sources(absolute),
         include_dirs=[str(CSRC if absolute else CSRC.relative_to(HERE))],
         define_macros=[("_GNU_SOURCE", "1"),
-                       ("FL_VERSION", '"%s"' % _version())],
+                       ("FL_VERSION", f'"{_version()}"')],
         extra_compile_args=cflags,
         extra_link_args=extra.split() if extra and "-fsanitize" in extra else [],
         py_limited_api=True,

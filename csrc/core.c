@@ -74,10 +74,11 @@ int fl_status_of_errno(int err)
     }
 }
 
+/* EAGAIN and EINTR are "nothing to report", not errors: no errno kept. */
 static void verdict_errno(struct fl_verdict *v, int err)
 {
-    v->err = err;
     v->status = fl_status_of_errno(err);
+    v->err = v->status == FL_ALIVE ? 0 : err;
 }
 
 /* One getsockopt(TCP_INFO) of a single byte answers three questions at once:
@@ -110,21 +111,32 @@ int fl_tcp_info(int fd, struct fl_tcp_info *out)
 }
 
 /* Returns nonzero and fills *v when fd is not a connected TCP socket.
- * Connected means the kernel has a peer to speak of: anything but LISTEN,
- * SYN_SENT and a never-connected CLOSE. */
+ * One getsockopt(TCP_INFO) answers it: EBADF / ENOTSOCK for closed fds and
+ * non-sockets, EOPNOTSUPP for UDP and unix sockets, the state for TCP.
+ * LISTEN and SYN_SENT have no peer; CLOSE is a finished connection unless
+ * no segment ever went either way (a socket never connected). */
 static int reject_invalid(int fd, struct fl_verdict *v)
 {
-    int st = fl_tcp_state(fd);
+    struct fl_tcp_info ti;
+    int len = fl_tcp_info(fd, &ti);
 
-    if (st < 0) {
+    if (len < 1) {
         v->status = FL_INVALID;
-        v->err = -st;
+        v->err = len < 0 ? -len : EOPNOTSUPP;
         return 1;
     }
-    v->tcp_state = st;
-    if (st == TCP_LISTEN || st == TCP_SYN_SENT) {
+    v->tcp_state = ti.tcpi_state;
+    if (ti.tcpi_state == TCP_LISTEN) {
         v->status = FL_INVALID;
-        v->err = st == TCP_LISTEN ? EOPNOTSUPP : ENOTCONN;
+        v->err = EOPNOTSUPP;
+        return 1;
+    }
+    if (ti.tcpi_state == TCP_SYN_SENT ||
+        (ti.tcpi_state == TCP_CLOSE &&
+         len >= (int)(offsetof(struct fl_tcp_info, tcpi_segs_in) + 4) &&
+         ti.tcpi_segs_in == 0 && ti.tcpi_segs_out == 0)) {
+        v->status = FL_INVALID;
+        v->err = ENOTCONN;
         return 1;
     }
     return 0;
@@ -187,7 +199,10 @@ long fl_send(int fd, const void *buf, size_t len, int flags, struct fl_verdict *
     n = send(fd, buf, len, flags | MSG_NOSIGNAL);
     if (n < 0) {
         int err = errno;
-        verdict_errno(v, err);
+        /* EPIPE also means "never connected" or "not TCP": only on this
+         * error path is the socket itself examined. */
+        if (!reject_invalid(fd, v))
+            verdict_errno(v, err);
         return -err;
     }
     return (long)n;
@@ -363,6 +378,12 @@ void fl_check_tcp_info(int fd, struct fl_verdict *v)
         v->status = FL_PEER_CLOSED;     /* its FIN arrived */
         break;
     case TCP_CLOSE:
+        if (len >= (int)(offsetof(struct fl_tcp_info, tcpi_segs_in) + 4) &&
+            ti.tcpi_segs_in == 0 && ti.tcpi_segs_out == 0) {
+            v->status = FL_INVALID;     /* never connected */
+            v->err = ENOTCONN;
+            return;
+        }
         v->status = FL_CLOSED;
         break;
     case TCP_LISTEN:

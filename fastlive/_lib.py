@@ -7,7 +7,7 @@ from typing import Protocol, Union
 from ._version import __version__
 
 try:
-    from ._native import ffi, lib
+    from ._native import ffi as ffi, lib as lib
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
         "fastlive's compiled core (fastlive._native) is missing: install the "

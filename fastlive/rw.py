@@ -48,7 +48,10 @@ class SendResult(NamedTuple):
 def send(sock: SocketLike, data: bytes, flags: int = 0) -> SendResult:
     """``send(MSG_NOSIGNAL | flags)``: never raises SIGPIPE, never raises
     for a dead peer; the verdict classifies the error instead.  EAGAIN on a
-    full non-blocking socket is ALIVE with 0 bytes sent."""
+    full non-blocking socket is ALIVE with 0 bytes sent.  The socket is
+    examined only when the write fails (so a failed send on a listening,
+    never-connected or non-TCP socket is INVALID, not RESET); a successful
+    write costs nothing extra and is ALIVE, whatever the socket is."""
     v = new_c_verdict()
     buf = ffi.from_buffer(data)
     n = lib.fl_send(fd_of(sock), buf, len(data), flags, v)

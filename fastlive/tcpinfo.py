@@ -65,7 +65,7 @@ class TcpInfo:
         self.length = length
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "TcpInfo":
+    def from_bytes(cls, data: bytes) -> TcpInfo:
         """Decode a record held as bytes (e.g. from ``getsockopt`` in
         Python); bytes past ``len(data)`` are absent."""
         raw = ffi.new(_STRUCT + " *")

@@ -21,10 +21,10 @@ class TcpState(enum.IntEnum):
     CLOSING = 11
 
     @classmethod
-    def of(cls, value: int) -> Union["TcpState", int]:  # type: ignore[return]
+    def of(cls, value: int) -> Union[TcpState, int]:
         """The enum member, or the bare int for a state this enum lacks
         (NEW_SYN_RECV and BOUND_INACTIVE never reach tcp_info)."""
         try:
             return cls(value)
         except ValueError:
-            return value  # type: ignore[return-value]
+            return value

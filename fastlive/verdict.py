@@ -5,7 +5,7 @@ import enum
 import errno as _errno
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from ._lib import ffi, lib
 from .tcpstate import TcpState
@@ -65,7 +65,7 @@ class Verdict:
     status: Status
     method: Method
     errno: int = 0
-    tcp_state: Optional[TcpState] = None
+    tcp_state: Optional[Union[TcpState, int]] = None
     flags: Flag = Flag.NONE
 
     @property
@@ -92,17 +92,18 @@ class Verdict:
             name = _errno.errorcode.get(self.errno, str(self.errno))
             parts.append(f"{name}: {os.strerror(self.errno)}")
         if self.tcp_state is not None:
-            parts.append(f"state {self.tcp_state.name}")
+            st = self.tcp_state
+            parts.append(f"state {st.name if isinstance(st, TcpState) else st}")
         if self.flags:
             parts.append(str(self.flags).replace("Flag.", "").lower())
         return ", ".join(parts)
 
     @classmethod
-    def _from_c(cls, v: "ffi.CData") -> "Verdict":
+    def _from_c(cls, v: ffi.CData) -> Verdict:
         st = v.tcp_state
         return cls(Status(v.status), Method(v.method), v.err,
                    TcpState.of(st) if st >= 0 else None, Flag(v.flags))
 
 
-def new_c_verdict() -> "ffi.CData":
+def new_c_verdict() -> ffi.CData:
     return ffi.new("struct fl_verdict *")
