@@ -64,7 +64,7 @@ PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
 
 # --- the plain C baseline -----------------------------------------------------
 
-def build_plain() -> "Plain":
+def build_plain() -> Plain:
     out = os.path.join(tempfile.mkdtemp(prefix="fl-bench-"), "plain_loops.so")
     subprocess.run(["gcc", "-O2", "-Wall", "-shared", "-fPIC", "-o", out,
                     os.path.join(HERE, "plain_loops.c")], check=True)

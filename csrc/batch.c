@@ -81,8 +81,8 @@ static int reserve(struct fl_batch *b, int n)
     struct batch_priv *pv = b->priv;
     void *p;
 
-    if (n <= pv->cap)
-        return 0;
+    if (n <= pv->cap && b->fds)
+        return 0;                /* arrays exist (never NULL, even for n = 0) */
 #define GROW(field) do {                                               \
         p = grow(field, (size_t)n, sizeof *(field));                   \
         if (!p)                                                        \
@@ -101,7 +101,7 @@ static int reserve(struct fl_batch *b, int n)
     if (b->info)
         GROW(b->info);
 #undef GROW
-    pv->cap = n;
+    pv->cap = n > 0 ? n : 1;
     return 0;
 }
 
@@ -134,7 +134,8 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
         return r;
     b->n = n;
     b->method = -1;
-    memcpy(b->fds, fds, (size_t)n * sizeof *fds);
+    if (n > 0)
+        memcpy(b->fds, fds, (size_t)n * sizeof *fds);
     memset(b->info_len, 0, (size_t)n * sizeof *b->info_len);
     for (i = 0; i < n; i++) {
         set_alive(b, i);

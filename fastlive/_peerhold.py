@@ -92,7 +92,7 @@ class PeerHolder:
 
     def __init__(self, timeout: float = 30.0) -> None:
         self.timeout = timeout
-        self.proc: Optional["subprocess.Popen[str]"] = subprocess.Popen(
+        self.proc: Optional[subprocess.Popen[str]] = subprocess.Popen(
             [sys.executable, "-m", "fastlive._peerhold"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -173,7 +173,7 @@ class PeerHolder:
                     f.close()
             self.proc = None
 
-    def __enter__(self) -> "PeerHolder":
+    def __enter__(self) -> PeerHolder:
         return self
 
     def __exit__(self, *exc: object) -> None:

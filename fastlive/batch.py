@@ -82,7 +82,7 @@ class TcpInfoRecords(Sequence[Optional[TcpInfo]]):
 
     __slots__ = ("_batch", "ndead")
 
-    def __init__(self, batch: "Batch", ndead: int) -> None:
+    def __init__(self, batch: Batch, ndead: int) -> None:
         self._batch = batch
         #: entries not alive after the sweep
         self.ndead = ndead
@@ -144,7 +144,7 @@ class Batch:
     def __init__(self, socks: Iterable[SocketLike] = ()) -> None:
         self._b: Any = None
         self._objs: List[SocketLike] = []
-        self._arr: "array[int]" = array("i")
+        self._arr: array[int] = array("i")
         self._records: Optional[TcpInfoRecords] = None
         ptr = ffi.new("struct fl_batch **")
         objs, arr = self._prepare(socks)
@@ -154,7 +154,7 @@ class Batch:
         self._views()
 
     @staticmethod
-    def _prepare(socks: Iterable[SocketLike]) -> Tuple[List[SocketLike], "array[int]"]:
+    def _prepare(socks: Iterable[SocketLike]) -> Tuple[List[SocketLike], array[int]]:
         objs = list(socks)
         arr = array("i", [fd_of(s) if not isinstance(s, int) or s >= -0x80000000
                           else -1 for s in objs])
@@ -302,7 +302,7 @@ class Batch:
         state = TcpState.of(st) if st else None
         return Verdict(Status(self._status[i]),
                        Method(m) if m >= 0 else Method.TCP_INFO,
-                       self._err[i], state,  # type: ignore[arg-type]
+                       self._err[i], state,
                        Flag(self._flags[i]))
 
     def __iter__(self) -> Iterator[Verdict]:
@@ -324,7 +324,7 @@ class Batch:
     def closed(self) -> bool:
         return self._b is None
 
-    def __enter__(self) -> "Batch":
+    def __enter__(self) -> Batch:
         return self
 
     def __exit__(self, *exc: object) -> None:

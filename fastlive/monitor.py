@@ -221,7 +221,7 @@ class Monitor:
     def closed(self) -> bool:
         return self._m is None
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:

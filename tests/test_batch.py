@@ -204,6 +204,7 @@ def test_rebuild_and_views(pairs):
         b.sweep_poll()
 
 
+@pytest.mark.slow
 def test_sigkilled_peer_and_huge_batch():
     """5,000 connections, peers in a helper process: 1% FIN, 1% RST, then
     the helper is SIGKILLed and every connection is reported."""
