@@ -274,6 +274,7 @@ def run_n(n: int, rounds: int, plain: Plain, target_ns: int,
                         "plain C": lambda: pl.pl_epoll_wait(cfd),
                         "python": lambda: ep.poll(0)}, rounds, 1, target_ns)
                     extra["wait_k"] = wait_with_deaths(ph, mon, n, rounds)
+                    extra["drain_k"] = drain_deaths(ph, live)
                 finally:
                     ep.close()
                     cep.close()
@@ -327,6 +328,41 @@ def wait_with_deaths(ph: PeerHolder, mon: Monitor, n: int,
             if per_call:
                 med = statistics.median(per_call)
                 out[k] = (med / 1000, med / k)
+    return out
+
+
+def drain_deaths(ph: PeerHolder, live: List[socket.socket]) -> Dict[int, float]:
+    """Steady state: a Monitor(max_events=k) watching the N live sockets
+    and a backlog of 20 x k dead ones; each wait(0) returns k deaths.
+    Median us per call, for k = 1 and 10."""
+    out = {}
+    for k in (1, 10):
+        with Monitor(max_events=k) as m:
+            for s in live:
+                m.add(s)
+            victims = ph.connect(20 * k)
+            try:
+                for s in victims:
+                    m.add(s)
+                ph.fin(victims)
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    ready = select.poll()
+                    ready.register(m.fileno(), select.POLLIN)
+                    if ready.poll(500):
+                        break
+                time.sleep(0.05)
+                times = []
+                for _ in range(20):
+                    t = time.perf_counter_ns()
+                    got = m.wait(0)
+                    dt = time.perf_counter_ns() - t
+                    if len(got) == k:
+                        times.append(dt)
+                if times:
+                    out[k] = statistics.median(times) / 1000
+            finally:
+                close_all(victims)
     return out
 
 
@@ -487,10 +523,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     print(table(all_res))
     print()
-    print("Monitor.wait(0) collecting k deaths among N live (median):")
+    print("Monitor.wait(0) collecting k fresh deaths among N live (one call each, median):")
     for n in ns:
         for k, (us, per) in extras[n]["wait_k"].items():
             print(f"  N={n} k={k}: {us:.2f} us per call, {per:.0f} ns per death")
+    print("Monitor.wait(0) draining a backlog, k deaths per call (steady state, median):")
+    for n in ns:
+        for k, us in extras[n]["drain_k"].items():
+            print(f"  N={n} k={k}: {us:.2f} us per call, {us * 1000 / k:.0f} ns per death")
     print()
     print("single socket (ns per call, median / min):")
     for k, (med, mn) in single_tcp_info(rounds).items():

@@ -26,3 +26,4 @@ def test_bench_sweeps_quick():
     assert "dead seen 4 of 4 expected" in text
     assert "memory over 100 x 4 sweeps" in text
     assert "targets:" in text
+    assert "draining a backlog" in text and "fresh deaths" in text
