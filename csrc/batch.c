@@ -25,8 +25,12 @@
 
 struct batch_priv {
     int cap;                 /* capacity of every array */
-    struct pollfd *pfd;      /* [cap] fd = -1 for bad entries */
-    uint8_t *bad;            /* [cap] nonzero: build-time verdict, skipped */
+    int ngood;               /* entries that sweeps check */
+    struct pollfd *pfd;      /* [ngood] the good entries' fds, in order */
+    int *map;                /* [ngood] pfd slot -> entry index (ascending) */
+    int *badlist;            /* [nbad] entries bad at build (ascending) */
+    int *scratch;            /* [cap] good entries found dead by a sweep */
+    uint8_t *bad;            /* [cap] build-time marks */
 };
 
 /* Status and errno by tcpi_state, as fl_check_tcp_info decides. */
@@ -97,6 +101,9 @@ static int reserve(struct fl_batch *b, int n)
     GROW(b->dead);
     GROW(b->info_len);
     GROW(pv->pfd);
+    GROW(pv->map);
+    GROW(pv->badlist);
+    GROW(pv->scratch);
     GROW(pv->bad);
     if (b->info)
         GROW(b->info);
@@ -117,7 +124,6 @@ static void mark_bad(struct fl_batch *b, int i, int err)
     struct batch_priv *pv = b->priv;
 
     pv->bad[i] = 1;
-    pv->pfd[i].fd = -1;
     b->status[i] = FL_INVALID;
     b->err[i] = err;
 }
@@ -126,7 +132,7 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
 {
     struct batch_priv *pv = b->priv;
     uint64_t *keys = NULL;
-    int i, r, nd;
+    int i, r, nd, ng;
 
     if (n < 0)
         return -EINVAL;
@@ -140,15 +146,12 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
     for (i = 0; i < n; i++) {
         set_alive(b, i);
         pv->bad[i] = 0;
-        pv->pfd[i].fd = fds[i];
-        pv->pfd[i].events = POLLIN | POLLRDHUP;
-        pv->pfd[i].revents = 0;
     }
     /* Duplicates: sort (fd, index) and mark every copy after the first. */
     if (n > 1) {
         keys = malloc((size_t)n * sizeof *keys);
         if (!keys) {
-            b->n = b->ndead = b->nbad = 0;  /* empty rather than half-built */
+            b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
             return -ENOMEM;
         }
         for (i = 0; i < n; i++)
@@ -176,9 +179,20 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
             b->tcp_state[i] = (uint8_t)st;
         }
     }
-    for (i = 0, nd = 0; i < n; i++)
-        if (pv->bad[i])
+    /* Sweeps walk only the good entries, packed; the bad ones keep their
+     * build-time verdict and are merged into dead[] in order. */
+    for (i = 0, nd = 0, ng = 0; i < n; i++) {
+        if (pv->bad[i]) {
+            pv->badlist[nd] = i;
             b->dead[nd++] = i;
+        } else {
+            pv->pfd[ng].fd = fds[i];
+            pv->pfd[ng].events = POLLIN | POLLRDHUP;
+            pv->pfd[ng].revents = 0;
+            pv->map[ng++] = i;
+        }
+    }
+    pv->ngood = ng;
     b->ndead = b->nbad = nd;
     return 0;
 }
@@ -217,6 +231,9 @@ void fl_batch_free(struct fl_batch *b)
     pv = b->priv;
     if (pv) {
         free(pv->pfd);
+        free(pv->map);
+        free(pv->badlist);
+        free(pv->scratch);
         free(pv->bad);
         free(pv);
     }
@@ -249,13 +266,11 @@ static int take_so_error(int fd)
     return err;
 }
 
-/* The slow path of the poll sweep: a bad entry or revents != 0. */
+/* The slow path of the poll sweep: revents != 0 on a good entry. */
 static void poll_verdict(struct fl_batch *b, int i, short rev)
 {
     int keep = sticky(b, i, FL_M_POLL);
 
-    if (((struct batch_priv *)b->priv)->bad[i])
-        return;
     b->flags[i] = 0;
     b->tcp_state[i] = 0;
     if (rev & POLLNVAL) {
@@ -285,13 +300,20 @@ static void poll_verdict(struct fl_batch *b, int i, short rev)
     }
 }
 
-static int finish(struct fl_batch *b, int method)
+/* dead[] = the good entries a sweep found dead (scratch[0..ng), ascending)
+ * merged with the bad ones (badlist, ascending). */
+static int finish(struct fl_batch *b, int ng, int method)
 {
-    int i, nd = 0;
+    struct batch_priv *pv = b->priv;
+    const int *g = pv->scratch, *bad = pv->badlist;
+    int kg = 0, kb = 0, nd = 0, nb = b->nbad;
 
-    for (i = 0; i < b->n; i++)
-        if (b->status[i] != FL_ALIVE)
-            b->dead[nd++] = i;
+    while (kg < ng && kb < nb)
+        b->dead[nd++] = g[kg] < bad[kb] ? g[kg++] : bad[kb++];
+    while (kg < ng)
+        b->dead[nd++] = g[kg++];
+    while (kb < nb)
+        b->dead[nd++] = bad[kb++];
     b->ndead = nd;
     b->method = method;
     return nd;
@@ -301,14 +323,14 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
 {
     struct batch_priv *pv = b->priv;
     struct pollfd *pfd = pv->pfd;
-    const uint8_t *bad = pv->bad;
+    const int *map = pv->map;
     int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
-    int i, r, nd = 0;
+    int j, r, ng = 0, n = pv->ngood;
 
     if (timeout_ms < 0)
         return -EINVAL;
     for (;;) {
-        r = poll(pfd, (nfds_t)b->n, timeout_ms);
+        r = poll(pfd, (nfds_t)n, timeout_ms);
         if (r >= 0)
             break;
         if (errno != EINTR)
@@ -318,79 +340,87 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
             timeout_ms = left > 0 ? (int)left : 0;
         }
     }
-    for (i = 0; i < b->n; i++) {
-        short rev = pfd[i].revents;
+    for (j = 0; j < n; j++) {
+        short rev = pfd[j].revents;
+        int i = map[j];
 
-        if (!(rev | bad[i])) {
+        if (!rev) {
             set_alive(b, i);
             continue;
         }
         poll_verdict(b, i, rev);
         if (b->status[i] != FL_ALIVE)
-            b->dead[nd++] = i;
+            pv->scratch[ng++] = i;
     }
-    b->ndead = nd;
-    b->method = FL_M_POLL;
-    return nd;
+    return finish(b, ng, FL_M_POLL);
 }
 
 int fl_batch_sweep_states(struct fl_batch *b)
 {
-    const uint8_t *bad = ((struct batch_priv *)b->priv)->bad;
-    int i, n = b->n;
+    struct batch_priv *pv = b->priv;
+    const struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
+    int j, ng = 0, n = pv->ngood;
 
-    for (i = 0; i < n; i++) {
-        uint8_t st = 0;
+    for (j = 0; j < n; j++) {
+        int i = map[j];
+        uint8_t st = 0, s;
         socklen_t len = 1;
 
-        if (bad[i])
-            continue;
-        if (getsockopt(b->fds[i], IPPROTO_TCP, TCP_INFO, &st, &len) < 0) {
+        if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, &st, &len) < 0) {
             int err = errno;
             b->status[i] = FL_INVALID;
             b->err[i] = err;
             b->tcp_state[i] = 0;
             b->flags[i] = 0;
+            pv->scratch[ng++] = i;
             continue;
         }
         if (len < 1)
             st = 0;
+        s = state_status[st & 15];
         b->tcp_state[i] = st;
-        b->status[i] = state_status[st & 15];
-        b->err[i] = b->status[i] == FL_INVALID ? state_err(st) : 0;
+        b->status[i] = s;
         b->flags[i] = 0;
+        if (s == FL_ALIVE) {
+            b->err[i] = 0;
+        } else {
+            b->err[i] = s == FL_INVALID ? state_err(st) : 0;
+            pv->scratch[ng++] = i;
+        }
     }
-    return finish(b, FL_M_TCP_INFO);
+    return finish(b, ng, FL_M_TCP_INFO);
 }
 
 int fl_batch_sweep_tcp_info(struct fl_batch *b)
 {
-    const uint8_t *bad = ((struct batch_priv *)b->priv)->bad;
+    struct batch_priv *pv = b->priv;
+    const struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
     struct fl_tcp_info *info;
-    int i, n = b->n;
+    int j, ng = 0, n = pv->ngood;
 
     if (!b->info) {
         /* Once per batch: the record array is only needed by this sweep. */
-        struct batch_priv *pv = b->priv;
-        b->info = calloc((size_t)(pv->cap > 0 ? pv->cap : 1), sizeof *b->info);
+        b->info = calloc((size_t)pv->cap, sizeof *b->info);
         if (!b->info)
             return -ENOMEM;
     }
     info = b->info;
-    for (i = 0; i < n; i++) {
+    for (j = 0; j < n; j++) {
+        int i = map[j];
         socklen_t len = sizeof *info;
         struct fl_tcp_info *ti = &info[i];
         uint8_t st, s;
 
-        if (bad[i])
-            continue;
-        if (getsockopt(b->fds[i], IPPROTO_TCP, TCP_INFO, ti, &len) < 0) {
+        if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, ti, &len) < 0) {
             int err = errno;
             b->info_len[i] = 0;
             b->status[i] = FL_INVALID;
             b->err[i] = err;
             b->tcp_state[i] = 0;
             b->flags[i] = 0;
+            pv->scratch[ng++] = i;
             continue;
         }
         b->info_len[i] = (uint32_t)len;
@@ -400,30 +430,33 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
         b->status[i] = s;
         b->err[i] = s == FL_INVALID ? state_err(st) : 0;
         b->flags[i] = 0;
+        if (s != FL_ALIVE) {
+            pv->scratch[ng++] = i;
+            continue;
+        }
         /* The SUSPECT signal of fl_check_tcp_info, on fields the kernel
          * returned (a shorter record leaves them out). */
         if (len >= offsetof(struct fl_tcp_info, tcpi_last_ack_recv) + 4
-            && s == FL_ALIVE
             && (ti->tcpi_retransmits || ti->tcpi_probes || ti->tcpi_backoff
                 || (ti->tcpi_unacked > 0 && ti->tcpi_rto > 0
                     && (uint64_t)ti->tcpi_last_ack_recv * 1000 > 2ull * ti->tcpi_rto)))
             b->flags[i] = FL_F_SUSPECT;
     }
-    return finish(b, FL_M_TCP_INFO);
+    return finish(b, ng, FL_M_TCP_INFO);
 }
 
 int fl_batch_sweep_peek(struct fl_batch *b)
 {
-    const uint8_t *bad = ((struct batch_priv *)b->priv)->bad;
-    int i, n = b->n;
+    struct batch_priv *pv = b->priv;
+    const struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
+    int j, ng = 0, n = pv->ngood;
 
-    for (i = 0; i < n; i++) {
+    for (j = 0; j < n; j++) {
+        int i = map[j];
         char byte;
-        ssize_t r;
+        ssize_t r = recv(pfd[j].fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
 
-        if (bad[i])
-            continue;
-        r = recv(b->fds[i], &byte, 1, MSG_PEEK | MSG_DONTWAIT);
         if (r < 0) {
             int err = errno;
             if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR) {
@@ -443,6 +476,7 @@ int fl_batch_sweep_peek(struct fl_batch *b)
                 b->status[i] = (uint8_t)fl_status_of_errno(err);
                 b->err[i] = err;
             }
+            pv->scratch[ng++] = i;
         } else if (r == 0) {
             if (!sticky(b, i, FL_M_PEEK)) {
                 b->status[i] = FL_PEER_CLOSED;
@@ -450,10 +484,11 @@ int fl_batch_sweep_peek(struct fl_batch *b)
             }
             b->tcp_state[i] = 0;
             b->flags[i] = 0;
+            pv->scratch[ng++] = i;
         } else {
             set_alive(b, i);
             b->flags[i] = FL_F_DATA_PENDING;
         }
     }
-    return finish(b, FL_M_PEEK);
+    return finish(b, ng, FL_M_PEEK);
 }

@@ -262,3 +262,46 @@ def test_no_memory_growth_over_1000_sweeps(pairs):
     # fd per sweep 200 kB.
     assert grown < 16 * 1024, grown
     assert _rss() - rss0 < 1024 * 1024
+
+
+def test_dead_list_invariants_over_mixed_entries(pairs):
+    """Any mix of live, peer-closed, duplicate, negative and closed-number
+    entries: dead() lists exactly the entries not alive, ascending, with
+    the first copy of a duplicated fd checked and later copies EEXIST."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ps = pairs(6)
+    ps[4][1].close()
+    ps[5][1].close()
+    gone = os.dup(0)
+    os.close(gone)
+    live = [c.fileno() for c, _ in ps[:4]]
+    dead = [c.fileno() for c, _ in ps[4:]]
+    pool = live + dead + [-1, gone]
+    time.sleep(0.02)
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.sampled_from(pool), max_size=24), st.sampled_from(SWEEPS))
+    def check(entries, kind):
+        b = Batch(entries)
+        sweep(b, kind)
+        got = b.dead()
+        idx = [d.idx for d in got]
+        assert idx == sorted(idx) == list(b.dead_indices())
+        seen = set()
+        for i, fd in enumerate(entries):
+            st_, err = b.statuses[i], b.errnos[i]
+            if fd in seen:
+                assert (st_, err) == (Status.INVALID, 17)
+            elif fd < 0 or fd == gone:
+                assert (st_, err) == (Status.INVALID, 9)
+            elif fd in dead:
+                assert st_ == Status.PEER_CLOSED
+            else:
+                assert st_ == Status.ALIVE
+            assert (i in idx) == (st_ != Status.ALIVE)
+            if fd >= 0:
+                seen.add(fd)
+
+    check()
