@@ -127,7 +127,13 @@ def tcp_info(sock: SocketLike) -> TcpInfo:
     # The fast path (issue 4 target: <= 1.5 us per call): the C side
     # zeroes the record, so the allocator need not; a plain socket's fd
     # needs none of fd_of's checks.
-    fd = sock.fileno() if type(sock) is _socket_type else fd_of(sock)
+    t = type(sock)
+    if t is _socket_type:
+        fd = sock.fileno()   # type: ignore[union-attr]
+    elif t is int and sock <= 0x7FFFFFFF:   # type: ignore[operator]
+        fd = sock
+    else:
+        fd = fd_of(sock)
     raw = _new_raw(_PTR)
     n = lib.fl_tcp_info(fd, raw)
     if n < 0:
