@@ -15,6 +15,8 @@ from ._version import __version__
 #: (command, module, one-line help)
 COMMANDS: List[Tuple[str, str, str]] = [
     ("demo", "fastlive.demo", "fail peers in every way and show which method sees what"),
+    ("netns-sweep", "fastlive.faults",
+     "delete network namespaces left behind by killed fastlive test runs"),
 ]
 
 

@@ -31,6 +31,13 @@ DEFAULT_COUNT = 9
 DEFAULT_RETRIES2 = 15
 _RTO_MIN = 0.2     # TCP_RTO_MIN, seconds
 _RTO_MAX = 120.0   # TCP_RTO_MAX, seconds
+#: Seconds by which a busy connection's ETIMEDOUT may come after
+#: TCP_USER_TIMEOUT: the kernel checks the timeout only when a
+#: retransmission timer fires, and the first retransmission comes ~0.2-0.4 s
+#: after the data (tail-loss probe, then RTO); with the link down, failed
+#: transmits are retried as local congestion every 0.5 s.  Measured here:
+#: 0.4-1.2 s over.
+BUSY_SLACK = 1.5
 
 
 @dataclass(frozen=True)
@@ -101,11 +108,12 @@ def detection_time(settings: KeepaliveSettings, *, busy: bool = False,
     With TCP_USER_TIMEOUT set, keepalive stops at the first probe time at
     or past the user timeout instead of after ``count`` probes.
     ``busy=True``: data unacknowledged, the retransmission timer decides:
-    the user timeout if set, else ``retransmit_timeout(retries2)``.
+    the user timeout (plus :data:`BUSY_SLACK`) if set, else
+    ``retransmit_timeout(retries2)``.
     """
     ut = settings.user_timeout
     if busy:
-        return ut if ut > 0 else retransmit_timeout(retries2)
+        return ut + BUSY_SLACK if ut > 0 else retransmit_timeout(retries2)
     if not settings.enabled:
         return math.inf
     idle, iv = settings.idle, settings.interval
@@ -140,8 +148,9 @@ def plan_within(seconds: float) -> KeepaliveSettings:
     """The keepalive/user-timeout settings :func:`detect_within` uses for a
     bound of ``seconds`` (>= 2): up to 3 probes (one lost probe is not a
     death), probe interval about a sixth of the bound, the rest idle, and a
-    user timeout equal to idle + interval x count so a busy connection gets
-    the same bound as an idle one."""
+    user timeout :data:`BUSY_SLACK` short of the bound, so a busy connection
+    gets the same bound as an idle one.  (With a user timeout set, the
+    kernel's keepalive stops at the first probe time at or past it.)"""
     if not seconds >= 2:
         raise ValueError(f"the bound must be at least 2 seconds, got {seconds!r}")
     whole = int(min(seconds, 32767))
@@ -149,7 +158,7 @@ def plan_within(seconds: float) -> KeepaliveSettings:
     interval = max(1, whole // (2 * count))
     idle = whole - interval * count
     return KeepaliveSettings(True, idle, interval, count,
-                             float(idle + interval * count))
+                             max(0.5, whole - BUSY_SLACK))
 
 
 def detect_within(sock: SocketLike, seconds: float) -> Bound:
@@ -157,7 +166,8 @@ def detect_within(sock: SocketLike, seconds: float) -> Bound:
     that a silently dead peer is reported (ETIMEDOUT on the socket: a read,
     write, poll POLLERR or SO_ERROR sees it) within ``seconds``, whether the
     connection is idle or has data in flight.  Returns the bound achieved
-    (whole seconds, <= ``seconds``); timer slack adds up to about one RTO.
+    (whole seconds, <= ``seconds``), counted from the last segment received
+    from the peer (idle) or from the first unacknowledged send (busy).
     """
     plan = plan_within(seconds)
     got = set_keepalive(sock, True, idle=plan.idle, interval=plan.interval,

@@ -1,13 +1,37 @@
 """pytest plugin: fault fixtures for testing dead-peer handling.
 
-Loaded automatically (``pytest11`` entry point) when fastlive is installed.
+Loaded automatically (``pytest11`` entry point) when fastlive is installed;
+the fixtures are thin wrappers over :mod:`fastlive.faults`, which works
+without pytest too.  See ``docs/testing.md``.
+
+===================  =========================================================
+fixture              gives
+===================  =========================================================
+``loopback_pair``    (local, peer) sockets on 127.0.0.1, both in this process
+``loopback_peer``    (local socket, :class:`~fastlive.faults.PeerProcess`):
+                     the peer end lives in a helper process you can close,
+                     reset, half-close, SIGKILL or freeze
+``frozen_peer``      like ``loopback_peer`` with the helper already SIGSTOPped
+``make_peer``        factory: ``make_peer(connect=(host, port))`` starts a
+                     helper that connects to *your* server (or
+                     ``listen=...``, ``sock=...``, ``netns=...``)
+``netns_pair``       a :class:`~fastlive.faults.NetnsPair` (two namespaces,
+                     veth, helper in B, ``local`` socket in A) for silent
+                     deaths: ``link_down()``, ``blackhole()``; skips with the
+                     reason when not root or without netns support
+===================  =========================================================
+
+Every helper process is killed and every namespace deleted at teardown,
+whatever the test did.
 """
 from __future__ import annotations
 
 import socket
-from typing import Iterator, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
+
+from . import faults
 
 
 @pytest.fixture
@@ -22,3 +46,65 @@ def loopback_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
     finally:
         local.close()
         peer.close()
+
+
+@pytest.fixture
+def loopback_peer() -> Iterator[Tuple[socket.socket, faults.PeerProcess]]:
+    """(local socket, helper process holding its peer end) on 127.0.0.1.
+
+    The helper's connection 0 is the peer: ``peer.close_socket()`` (FIN),
+    ``peer.reset()`` (RST), ``peer.close_unread(n)`` (RST),
+    ``peer.shutdown_write()`` (half-close), ``peer.kill()`` (SIGKILL: FIN),
+    ``peer.freeze()`` / ``peer.thaw()``, ``peer.send(b"...")``,
+    ``peer.echo()``.  The local socket is blocking without a timeout."""
+    local, peer = faults.loopback_peer()
+    try:
+        yield local, peer
+    finally:
+        local.close()
+        peer.close()
+
+
+@pytest.fixture
+def frozen_peer(loopback_peer: Tuple[socket.socket, faults.PeerProcess]
+                ) -> Tuple[socket.socket, faults.PeerProcess]:
+    """(local socket, helper) with the helper SIGSTOPped: the process does
+    nothing, its kernel still ACKs data and keepalive probes.  ``thaw()``
+    it to talk to it again; teardown kills it either way."""
+    local, peer = loopback_peer
+    peer.freeze()
+    return local, peer
+
+
+@pytest.fixture
+def make_peer() -> Iterator[Callable[..., faults.PeerProcess]]:
+    """Factory for helper processes, all killed at teardown.
+
+    ``make_peer(connect=server_address)`` starts a helper that connects to
+    your server (its connection 0); ``listen=``, ``sock=`` and ``netns=``
+    are passed to :class:`~fastlive.faults.PeerProcess` as well."""
+    made: List[faults.PeerProcess] = []
+
+    def make(*args: Any, **kwargs: Any) -> faults.PeerProcess:
+        peer = faults.PeerProcess(*args, **kwargs)
+        made.append(peer)
+        return peer
+
+    try:
+        yield make
+    finally:
+        for peer in made:
+            peer.close()
+
+
+@pytest.fixture
+def netns_pair() -> Iterator[faults.NetnsPair]:
+    """A :class:`~fastlive.faults.NetnsPair`, entered: ``.local`` (socket in
+    namespace A) is connected to ``.peer`` (helper in namespace B).  Skips
+    the test when network namespaces are unavailable (not root, no ``ip``,
+    no netns/veth support), with the reason."""
+    reason = faults.netns_unavailable()
+    if reason:
+        pytest.skip(f"netns_pair: {reason}")
+    with faults.NetnsPair() as pair:
+        yield pair

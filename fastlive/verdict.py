@@ -94,8 +94,7 @@ class Verdict:
         if self.tcp_state is not None:
             st = self.tcp_state
             parts.append(f"state {st.name if isinstance(st, TcpState) else st}")
-        if self.flags:
-            parts.append(str(self.flags).replace("Flag.", "").lower())
+        parts += [f.name.lower() for f in Flag if f and f in self.flags and f.name]
         return ", ".join(parts)
 
     @classmethod

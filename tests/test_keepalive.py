@@ -39,7 +39,7 @@ def test_busy_connection_hangs_about_925_seconds():
 
 def test_user_timeout_bounds_busy_and_caps_keepalive():
     s = KeepaliveSettings(True, 10, 5, 9, user_timeout=12.0)
-    assert detection_time(s, busy=True) == 12.0
+    assert detection_time(s, busy=True) == 12.0 + fastlive.keepalive.BUSY_SLACK
     # first probe check at or past 12 s after silence: 10 + 5 x 1 = 15
     assert detection_time(s) == 15.0
     assert detection_time(KeepaliveSettings(True, 10, 5, 9, 3.0)) == 15.0
@@ -72,10 +72,10 @@ def test_plan_within_never_exceeds_the_bound(seconds):
     idle_bound = detection_time(plan)
     busy_bound = detection_time(plan, busy=True)
     assert idle_bound <= seconds and busy_bound <= seconds
-    assert idle_bound == busy_bound == plan.idle + plan.interval * plan.count
+    assert idle_bound <= plan.idle + plan.interval * plan.count
+    assert max(idle_bound, busy_bound) == int(min(seconds, 32767))
     if seconds >= 4:
         assert plan.count == 3
-    assert idle_bound == int(min(seconds, 32767))   # the whole bound is used
 
 
 @pytest.mark.parametrize("seconds,expect", [(2, (1, 1, 1)), (3, (1, 1, 2)), (4, (1, 1, 3)),
@@ -91,4 +91,4 @@ def test_detect_within_sets_and_reports(sock):
     s = fastlive.get_keepalive(sock)
     assert s == bound.settings
     assert s.enabled and (s.idle, s.interval, s.count) == (7, 1, 3)
-    assert s.user_timeout == 10.0
+    assert s.user_timeout == 8.5          # BUSY_SLACK short of the bound

@@ -124,9 +124,11 @@ def test_qemu_like_four_byte_record():
     assert info.rto is None and info.rtt is None and info.snd_wscale is None
 
 
-def _ss_fields(port: int) -> dict:
+def _ss_fields(port: int, dport: int) -> dict:
+    # both ends in the filter: a port alone can match another connection
     out = subprocess.run(
-        ["ss", "-tinH", "state", "established", "sport", f"= :{port}"],
+        ["ss", "-tinH", "state", "established", "src", f"127.0.0.1:{port}",
+         "dst", f"127.0.0.1:{dport}"],
         capture_output=True, text=True, timeout=20).stdout
     found = {}
     for key, pat in (("rtt", r"\brtt:([\d.]+)/"), ("cwnd", r"\bcwnd:(\d+)"),
@@ -142,9 +144,9 @@ def _ss_fields(port: int) -> dict:
 @pytest.mark.skipif(shutil.which("ss") is None, reason="iproute2's ss is not installed")
 def test_decode_agrees_with_ss(busy_pair):
     cli, _ = busy_pair
-    port = cli.getsockname()[1]
+    port, dport = cli.getsockname()[1], cli.getpeername()[1]
     before = fastlive.tcp_info(cli)
-    ss = _ss_fields(port)
+    ss = _ss_fields(port, dport)
     after = fastlive.tcp_info(cli)
     assert ss["state_ok"], "ss did not list the connection as established"
     assert before.state is TcpState.ESTABLISHED
