@@ -6,8 +6,9 @@ child (``python -m fastlive._peerhold``) that the parent drives through a
 pipe: close some peers with FIN or RST, half-close them, or kill the whole
 process (SIGKILL: the kernel closes every peer socket).
 
-Loopback only (127.0.0.1).  Every wait is bounded; the child exits when its
-stdin closes, so it dies with its parent.
+Loopback only (127.0.0.1).  Every wait is bounded.  The child dies with its
+parent (PR_SET_PDEATHSIG, and end of file on its stdin) and after
+``LIFETIME`` seconds in any case.
 """
 from __future__ import annotations
 
@@ -24,7 +25,27 @@ from typing import Dict, Iterable, List, Optional
 HOST = "127.0.0.1"
 
 
+LIFETIME = 900.0   #: seconds a holder lives at most, whatever happens
+
+
+def _die_with_parent(ppid: int) -> None:  # pragma: no cover - child side
+    """SIGKILL this process when its parent dies (PR_SET_PDEATHSIG), and
+    exit after LIFETIME seconds in any case."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, 9, 0, 0, 0)          # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != ppid:               # the parent died before prctl
+        os._exit(1)
+    timer = threading.Timer(LIFETIME, os._exit, (2,))
+    timer.daemon = True
+    timer.start()
+
+
 def _child() -> None:  # pragma: no cover - runs in the child process
+    _die_with_parent(int(sys.argv[1]) if len(sys.argv) > 1 else os.getppid())
     lst = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lst.bind((HOST, 0))
@@ -93,7 +114,7 @@ class PeerHolder:
     def __init__(self, timeout: float = 30.0) -> None:
         self.timeout = timeout
         self.proc: Optional[subprocess.Popen[str]] = subprocess.Popen(
-            [sys.executable, "-m", "fastlive._peerhold"],
+            [sys.executable, "-m", "fastlive._peerhold", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self.port = int(self._read())
