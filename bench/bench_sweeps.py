@@ -419,15 +419,19 @@ def memory_over_sweeps(n: int, sweeps: int) -> dict:
 
 
 def machine() -> Dict[str, str]:
-    model = "?"
+    fields = {}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-                break
+            key, _, val = line.partition(":")
+            fields[key.strip()] = val.strip()
     except OSError:
         pass
+    model = fields.get("Model name", "?")
+    if "CPU family" in fields:
+        model += f" (family {fields['CPU family']} model {fields.get('Model', '?')})"
+    if "Hypervisor vendor" in fields:
+        model += f", {fields['Hypervisor vendor']} guest"
     return {"cpu": model, "cores": str(os.cpu_count()),
             "kernel": platform.release(), "python": platform.python_version(),
             "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
