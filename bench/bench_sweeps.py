@@ -237,6 +237,7 @@ def run_n(n: int, rounds: int, plain: Plain, target_ns: int,
                 "plain C": pl.pl_states,
                 "python": py.states}
             results["states"] = measure(states, rounds, n, target_ns)
+            extra["ns_sockets"] = namespace_tcp_sockets()
             if use_psutil and psutil is not None:
                 # Apart, paired with the Python loop: psutil reads /proc
                 # (every fd link, all of /proc/net/tcp*) and would disturb
@@ -387,6 +388,19 @@ def single_tcp_info(rounds: int) -> Dict[str, Tuple[float, float]]:
     return {k: (statistics.median(v), min(v)) for k, v in res.items()}
 
 
+def namespace_tcp_sockets() -> int:
+    """TCP sockets in this network namespace (/proc/net/tcp, tcp6): what
+    psutil's net_connections parses whatever N is."""
+    n = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(name) as f:
+                n += sum(1 for _ in f) - 1
+        except OSError:
+            pass
+    return n
+
+
 def rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -523,7 +537,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         all_res[n], extras[n] = run_n(n, rounds, plain, target_ns,
                                       not args.no_psutil)
         print(f"N={n}: dead seen {extras[n]['dead']} of {extras[n]['expected_dead']}"
-              f" expected; {time.monotonic() - t:.1f} s", flush=True)
+              f" expected; {extras[n]['ns_sockets']} TCP sockets in the namespace"
+              f" (psutil parses them all); {time.monotonic() - t:.1f} s", flush=True)
     print()
     print(table(all_res))
     print()
