@@ -58,6 +58,11 @@ __all__ = [
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
 ]
 
+# The article's programs (take over the process when run: see fastlive.article).
+from .article import Noticed, run_client, run_server, stop_matrix  # noqa: E402
+
+__all__ += ["run_client", "run_server", "stop_matrix", "Noticed"]
+
 # Many connections at once: batch sweeps and the epoll Monitor.
 from .batch import Batch, Dead, TcpInfoRecords  # noqa: E402
 from .monitor import Death, Monitor  # noqa: E402

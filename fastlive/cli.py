@@ -17,6 +17,9 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("demo", "fastlive.demo", "fail peers in every way and show which method sees what"),
     ("netns-sweep", "fastlive.faults",
      "delete network namespaces left behind by killed fastlive test runs"),
+    ("client", "fastlive.article", "the article's TCP client (takes over the process)"),
+    ("server", "fastlive.article", "the article's TCP server, one --method per section "
+     "(takes over the process)"),
 ]
 
 
