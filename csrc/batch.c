@@ -65,12 +65,17 @@ static int sticky(const struct fl_batch *b, int i, int method)
         && s != FL_INVALID;
 }
 
-static void set_alive(struct fl_batch *b, int i)
+/* Alive, no flags, state unknown.  err is 0 whenever status is FL_ALIVE
+ * (every path keeps it so), so an entry already in that state is left
+ * untouched: repeated sweeps of a quiet batch dirty no cache lines. */
+static inline void set_alive(struct fl_batch *b, int i)
 {
-    b->status[i] = FL_ALIVE;
-    b->err[i] = 0;
-    b->flags[i] = 0;
-    b->tcp_state[i] = 0;
+    if (b->status[i] | b->flags[i] | b->tcp_state[i]) {
+        b->status[i] = FL_ALIVE;
+        b->err[i] = 0;
+        b->flags[i] = 0;
+        b->tcp_state[i] = 0;
+    }
 }
 
 static void *grow(void *p, size_t count, size_t size)
