@@ -137,6 +137,7 @@ def test_sigkill_with_unread_data_sends_rst(loopback_peer):
     assert so_error(local) == errno.ECONNRESET
 
 
+@pytest.mark.tcp_info_fields("unacked")
 def test_freeze_stops_the_process_not_its_kernel(frozen_peer):
     local, peer = frozen_peer
     with open(f"/proc/{peer.pid}/stat") as f:
@@ -294,6 +295,7 @@ def test_in_netns_switches_back():
 
 
 @needs_netns
+@pytest.mark.tcp_info_fields("unacked")
 def test_link_down_state(netns_pair):
     p = netns_pair
     p.link_down()
@@ -308,6 +310,7 @@ def test_link_down_state(netns_pair):
 
 
 @needs_netns
+@pytest.mark.tcp_info_fields("unacked")
 def test_blackhole_state(netns_pair):
     p = netns_pair
     p.blackhole()
@@ -335,6 +338,7 @@ def test_drop_rule_or_clear_error(netns_pair):
 
 
 @needs_netns
+@pytest.mark.tcp_info_fields("unacked")
 def test_netns_frozen_peer(netns_pair):
     p = netns_pair
     p.peer.freeze()
