@@ -460,7 +460,7 @@ static void classify(const struct reg *r, uint32_t events, struct fl_death *d)
              * TCP_USER_TIMEOUT) in tcpi_retransmits / tcpi_backoff. */
             struct fl_tcp_info ti;
             int len = fl_tcp_info(r->fd, &ti);
-            if (len >= (int)offsetof(struct fl_tcp_info, tcpi_options))
+            if (len >= (int)offsetof(struct fl_tcp_info, tcpi_probes) + 1)
                 d->method = ti.tcpi_probes ? FL_M_KEEPALIVE : FL_M_USER_TIMEOUT;
         }
     } else if (events & EPOLLHUP) {

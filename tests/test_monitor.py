@@ -330,6 +330,7 @@ SILENT = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("network namespaces")
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
                     reason="silent death needs root and iproute2 (a netns of its own)")
 def test_silent_death_reported_within_bound():
