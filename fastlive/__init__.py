@@ -63,6 +63,13 @@ from .article import Noticed, run_client, run_server, stop_matrix  # noqa: E402
 
 __all__ += ["run_client", "run_server", "stop_matrix", "Noticed"]
 
-from .heartbeat import Death, HeartbeatEngine, PyHeartbeatPeer, RttSample  # noqa: E402
+# Many connections at once: batch sweeps and the epoll Monitor.
+from .batch import Batch, Dead, TcpInfoRecords  # noqa: E402
+from .monitor import Death, Monitor  # noqa: E402
 
-__all__ += ["HeartbeatEngine", "PyHeartbeatPeer", "Death", "RttSample"]
+__all__ += ["Batch", "Dead", "TcpInfoRecords", "Monitor", "Death"]
+
+# The heartbeat engine (method 6).
+from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample  # noqa: E402
+
+__all__ += ["HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample"]

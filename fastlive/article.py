@@ -141,7 +141,8 @@ class Noticed:
 EVENTS = ("close", "reset", "quiet")
 
 
-def _one_stop(method: str, event: str, wait: float, keepalive: Tuple[int, int, int], heartbeat: int) -> Noticed:
+def _one_stop(method: str, event: str, wait: float, keepalive: Tuple[int, int, int],
+              heartbeat: int) -> Noticed:
     import os
     import socket
     import struct

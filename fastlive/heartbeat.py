@@ -50,7 +50,7 @@ from .verdict import Method, Status, Verdict
 __all__ = [
     "MAGIC", "VERSION", "HEADER_LEN", "MAX_PAYLOAD", "MAX_FRAME",
     "FrameType", "Frame", "FrameError", "encode", "ping", "pong_for", "parse",
-    "c_parse", "Decoder", "Death", "RttSample", "EngineStats", "HeartbeatEngine",
+    "c_parse", "Decoder", "HeartbeatDeath", "RttSample", "EngineStats", "HeartbeatEngine",
     "PyHeartbeatPeer",
 ]
 
@@ -176,7 +176,7 @@ class Decoder:
 # ---- the C engine -----------------------------------------------------
 
 @dataclass(frozen=True)
-class Death:
+class HeartbeatDeath:
     """A connection the engine gave up on (it no longer watches it; the
     socket stays open and is the caller's to close)."""
 
@@ -297,7 +297,7 @@ class HeartbeatEngine:
         """The engine's epoll fd (readable when :meth:`poll` has work)."""
         return int(lib.fl_hb_fileno(self._live()))
 
-    def wait(self, timeout: float) -> List[Death]:
+    def wait(self, timeout: float) -> List[HeartbeatDeath]:
         """Run for up to ``timeout`` seconds; return as soon as something
         died (every death found so far), or ``[]`` at the timeout."""
         ms = timeout_ms(timeout)
@@ -305,18 +305,18 @@ class HeartbeatEngine:
             n = check_rc(lib.fl_hb_wait(self._live(), ms, self._out, self._BATCH))
             return self._collect(n)
 
-    def poll(self) -> List[Death]:
+    def poll(self) -> List[HeartbeatDeath]:
         """One non-blocking pass (for use with :meth:`fileno`)."""
         return self.wait(0)
 
-    def _collect(self, n: int) -> List[Death]:
-        deaths: List[Death] = []
+    def _collect(self, n: int) -> List[HeartbeatDeath]:
+        deaths: List[HeartbeatDeath] = []
         for k in range(n):
             e = self._out[k]
             if e.kind == lib.FL_HB_RTT_SAMPLE:
                 self.rtt.append(RttSample(e.fd, e.rtt_us / 1e6))
                 continue
-            deaths.append(Death(e.fd, Verdict._from_c(e.verdict), e.silent_us / 1e6,
+            deaths.append(HeartbeatDeath(e.fd, Verdict._from_c(e.verdict), e.silent_us / 1e6,
                                 self._socks.pop(e.fd, None)))
         return deaths
 
@@ -380,8 +380,8 @@ class PyHeartbeatPeer:
     def __init__(self) -> None:
         self._sel = selectors.DefaultSelector()
         self._conns: Dict[int, _PeerConn] = {}
-        self._deaths: List[Death] = []
-        self._thread_deaths: List[Death] = []
+        self._deaths: List[HeartbeatDeath] = []
+        self._thread_deaths: List[HeartbeatDeath] = []
         self._thread: Optional[threading.Thread] = None
         self._stop = threading.Event()
         self._mutex = threading.RLock()
@@ -412,7 +412,7 @@ class PyHeartbeatPeer:
         if self._conns.pop(conn.fd, None) is None:
             return
         self._sel.unregister(conn.fd)
-        self._deaths.append(Death(conn.fd, Verdict(status, method, err),
+        self._deaths.append(HeartbeatDeath(conn.fd, Verdict(status, method, err),
                                   now - conn.last_heard, conn.sock))
 
     def _send(self, conn: _PeerConn, frame: bytes, now: float) -> None:
@@ -459,7 +459,7 @@ class PyHeartbeatPeer:
                 if f.seq == conn.seq and conn.ping_due > conn.quiet_since:
                     conn.quiet_since = conn.ping_due
 
-    def step(self, timeout: float) -> List[Death]:
+    def step(self, timeout: float) -> List[HeartbeatDeath]:
         """One round: wait up to ``timeout`` seconds for data, read it, then
         ping the silent connections; returns the deaths found."""
         for key, _ in self._sel.select(timeout):
@@ -499,7 +499,7 @@ class PyHeartbeatPeer:
                 with self._mutex:
                     self._thread_deaths.extend(deaths)
 
-    def take_deaths(self) -> List[Death]:
+    def take_deaths(self) -> List[HeartbeatDeath]:
         """Deaths found by the :meth:`start` thread since the last call."""
         with self._mutex:
             out, self._thread_deaths = self._thread_deaths, []

@@ -15,6 +15,7 @@ backoff outstanding, or unacknowledged data with no ACK for over 2 RTOs.
 """
 from __future__ import annotations
 
+import socket
 from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 from ._lib import SocketLike, check_rc, fd_of, ffi, lib
@@ -22,6 +23,9 @@ from .tcpstate import TcpState
 from .verdict import Verdict, new_c_verdict
 
 _STRUCT = "struct fl_tcp_info"
+_PTR = ffi.typeof(_STRUCT + " *")
+_new_raw = ffi.new_allocator(should_clear_after_alloc=False)
+_socket_type = socket.socket
 #: Size of the newest struct tcp_info fastlive knows.
 TCP_INFO_SIZE: int = ffi.sizeof(_STRUCT)
 
@@ -120,8 +124,20 @@ def tcp_info(sock: SocketLike) -> TcpInfo:
     Raises ``OSError`` for anything that is not a TCP socket (EBADF for a
     closed fd or -1, ENOTSOCK for a pipe, EOPNOTSUPP for UDP or unix).
     """
-    raw = ffi.new(_STRUCT + " *")
-    n = check_rc(lib.fl_tcp_info(fd_of(sock), raw))
+    # The fast path (issue 4 target: <= 1.5 us per call): the C side
+    # zeroes the record, so the allocator need not; a plain socket's fd
+    # needs none of fd_of's checks.
+    t = type(sock)
+    if t is _socket_type:
+        fd = sock.fileno()   # type: ignore[union-attr]
+    elif t is int and sock <= 0x7FFFFFFF:   # type: ignore[operator]
+        fd = sock
+    else:
+        fd = fd_of(sock)
+    raw = _new_raw(_PTR)
+    n = lib.fl_tcp_info(fd, raw)
+    if n < 0:
+        check_rc(n)
     return TcpInfo(raw, n)
 
 

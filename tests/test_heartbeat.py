@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from fastlive import Method, Status, _platform, check_poll, check_so_error, set_keepalive, tcp_info
 from fastlive import heartbeat as hb
-from fastlive.heartbeat import (Death, Decoder, FrameError, FrameType, HeartbeatEngine,
+from fastlive.heartbeat import (HeartbeatDeath, Decoder, FrameError, FrameType, HeartbeatEngine,
                                 PyHeartbeatPeer)
 from fastlive.tcpstate import TcpState
 
@@ -54,10 +54,10 @@ def engine() -> Iterator[HeartbeatEngine]:
 
 
 def run_until(eng: HeartbeatEngine, seconds: float,
-              done: Optional[Callable[[List[Death]], bool]] = None) -> List[Death]:
+              done: Optional[Callable[[List[HeartbeatDeath]], bool]] = None) -> List[HeartbeatDeath]:
     """Deaths reported within ``seconds`` (stops early once ``done``)."""
     end = time.monotonic() + seconds
-    out: List[Death] = []
+    out: List[HeartbeatDeath] = []
     for _ in range(100000):
         left = end - time.monotonic()
         if left <= 0:
@@ -278,7 +278,7 @@ def test_python_peer_pings_c_engine_answers(listener: socket.socket) -> None:
         t.start()
         try:
             peer.add(cli, 0.1, 3)
-            deaths: List[Death] = []
+            deaths: List[HeartbeatDeath] = []
             end = time.monotonic() + 0.8
             while time.monotonic() < end:
                 deaths += peer.step(0.02)
@@ -557,9 +557,9 @@ def test_inside_asyncio_via_fileno(engine: HeartbeatEngine, listener: socket.soc
     answered = pair(listener)
     peer = PyHeartbeatPeer()
 
-    async def main() -> List[Death]:
+    async def main() -> List[HeartbeatDeath]:
         loop = asyncio.get_running_loop()
-        got: "asyncio.Queue[Death]" = asyncio.Queue()
+        got: "asyncio.Queue[HeartbeatDeath]" = asyncio.Queue()
         loop.add_reader(engine.fileno(), lambda: [got.put_nowait(d) for d in engine.poll()])
         try:
             engine.add(cli, 0.05, 3)              # nobody answers: dies at 0.15 s

@@ -1,0 +1,499 @@
+/*
+ * fastlive batch sweeps: one C call checks every fd of a batch.
+ *
+ * The batch owns its arrays (fl_batch.h); a sweep only reads the kernel's
+ * answer into them.  Hot loops do the syscall, a table lookup and a few
+ * byte stores per fd; anything more (SO_ERROR, the dead list) is paid only
+ * for entries that are not alive.
+ */
+#include "fl_prelude.h"
+#include "fl_core.h"
+#include "fl_batch.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <time.h>
+
+#ifndef POLLRDHUP
+#define POLLRDHUP 0x2000
+#endif
+
+struct batch_priv {
+    int cap;                 /* capacity of every array */
+    int ngood;               /* entries that sweeps check */
+    struct pollfd *pfd;      /* [ngood] the good entries' fds, in order */
+    int *map;                /* [ngood] pfd slot -> entry index (ascending) */
+    int *badlist;            /* [nbad] entries bad at build (ascending) */
+    int *scratch;            /* [cap] good entries found dead by a sweep */
+    uint8_t *bad;            /* [cap] build-time marks */
+};
+
+/* Status and errno by tcpi_state, as fl_check_tcp_info decides. */
+static const uint8_t state_status[16] = {
+    [0] = FL_INVALID,
+    [TCP_ESTABLISHED] = FL_ALIVE, [TCP_SYN_SENT] = FL_INVALID,
+    [TCP_SYN_RECV] = FL_INVALID, [TCP_FIN_WAIT1] = FL_ALIVE,
+    [TCP_FIN_WAIT2] = FL_ALIVE, [TCP_TIME_WAIT] = FL_PEER_CLOSED,
+    [TCP_CLOSE] = FL_CLOSED, [TCP_CLOSE_WAIT] = FL_PEER_CLOSED,
+    [TCP_LAST_ACK] = FL_PEER_CLOSED, [TCP_LISTEN] = FL_INVALID,
+    [TCP_CLOSING] = FL_PEER_CLOSED,
+    [12] = FL_INVALID, [13] = FL_INVALID, [14] = FL_INVALID, [15] = FL_INVALID,
+};
+
+static int state_err(int st)
+{
+    if (st == TCP_LISTEN)
+        return EOPNOTSUPP;
+    if (st == TCP_SYN_SENT || st == TCP_SYN_RECV || st > 15)
+        return ENOTCONN;
+    return st == 0 ? EOPNOTSUPP : 0;
+}
+
+/* A reason worth keeping across sweeps of the same method: the kernel
+ * reports a pending error once (SO_ERROR, recv take it), after which the
+ * same socket only shows the hangup. */
+static int sticky(const struct fl_batch *b, int i, int method)
+{
+    int s = b->status[i];
+
+    return b->method == method && s != FL_ALIVE && s != FL_PEER_CLOSED
+        && s != FL_INVALID;
+}
+
+/* Alive, no flags, state unknown.  err is 0 whenever status is FL_ALIVE
+ * (every path keeps it so), so an entry already in that state is left
+ * untouched: repeated sweeps of a quiet batch dirty no cache lines. */
+static inline void set_alive(struct fl_batch *b, int i)
+{
+    if (b->status[i] | b->flags[i] | b->tcp_state[i]) {
+        b->status[i] = FL_ALIVE;
+        b->err[i] = 0;
+        b->flags[i] = 0;
+        b->tcp_state[i] = 0;
+    }
+}
+
+static void *grow(void *p, size_t count, size_t size)
+{
+    if (count == 0)
+        count = 1;
+    return realloc(p, count * size);
+}
+
+static int reserve(struct fl_batch *b, int n)
+{
+    struct batch_priv *pv = b->priv;
+    void *p;
+
+    if (n <= pv->cap && b->fds)
+        return 0;                /* arrays exist (never NULL, even for n = 0) */
+#define GROW(field) do {                                               \
+        p = grow(field, (size_t)n, sizeof *(field));                   \
+        if (!p)                                                        \
+            return -ENOMEM;                                            \
+        field = p;                                                     \
+    } while (0)
+    GROW(b->fds);
+    GROW(b->status);
+    GROW(b->tcp_state);
+    GROW(b->flags);
+    GROW(b->err);
+    GROW(b->dead);
+    GROW(b->info_len);
+    GROW(pv->pfd);
+    GROW(pv->map);
+    GROW(pv->badlist);
+    GROW(pv->scratch);
+    GROW(pv->bad);
+    if (b->info)
+        GROW(b->info);
+#undef GROW
+    pv->cap = n > 0 ? n : 1;
+    return 0;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+
+    return x < y ? -1 : x > y;
+}
+
+static void mark_bad(struct fl_batch *b, int i, int err)
+{
+    struct batch_priv *pv = b->priv;
+
+    pv->bad[i] = 1;
+    b->status[i] = FL_INVALID;
+    b->err[i] = err;
+}
+
+int fl_batch_set(struct fl_batch *b, const int *fds, int n)
+{
+    struct batch_priv *pv = b->priv;
+    uint64_t *keys = NULL;
+    int i, r, nd, ng;
+
+    if (n < 0)
+        return -EINVAL;
+    if ((r = reserve(b, n)) < 0)
+        return r;
+    b->n = n;
+    b->method = -1;
+    if (n > 0)
+        memcpy(b->fds, fds, (size_t)n * sizeof *fds);
+    memset(b->info_len, 0, (size_t)n * sizeof *b->info_len);
+    for (i = 0; i < n; i++) {
+        set_alive(b, i);
+        pv->bad[i] = 0;
+    }
+    /* Duplicates: sort (fd, index) and mark every copy after the first. */
+    if (n > 1) {
+        keys = malloc((size_t)n * sizeof *keys);
+        if (!keys) {
+            b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
+            return -ENOMEM;
+        }
+        for (i = 0; i < n; i++)
+            keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
+        qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
+        for (i = 1; i < n; i++)
+            if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
+                mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
+        free(keys);
+    }
+    for (i = 0; i < n; i++) {
+        int st;
+
+        if (pv->bad[i])
+            continue;
+        if (fds[i] < 0) {
+            mark_bad(b, i, EBADF);
+            continue;
+        }
+        st = fl_tcp_state(fds[i]);
+        if (st < 0) {
+            mark_bad(b, i, -st);
+        } else if (st == TCP_LISTEN || st == TCP_SYN_SENT || st == TCP_SYN_RECV) {
+            mark_bad(b, i, state_err(st));
+            b->tcp_state[i] = (uint8_t)st;
+        }
+    }
+    /* Sweeps walk only the good entries, packed; the bad ones keep their
+     * build-time verdict and are merged into dead[] in order. */
+    for (i = 0, nd = 0, ng = 0; i < n; i++) {
+        if (pv->bad[i]) {
+            pv->badlist[nd] = i;
+            b->dead[nd++] = i;
+        } else {
+            pv->pfd[ng].fd = fds[i];
+            pv->pfd[ng].events = POLLIN | POLLRDHUP;
+            pv->pfd[ng].revents = 0;
+            pv->map[ng++] = i;
+        }
+    }
+    pv->ngood = ng;
+    b->ndead = b->nbad = nd;
+    return 0;
+}
+
+int fl_batch_new(const int *fds, int n, struct fl_batch **out)
+{
+    struct fl_batch *b;
+    int r;
+
+    *out = NULL;
+    if (n < 0)
+        return -EINVAL;
+    b = calloc(1, sizeof *b);
+    if (!b)
+        return -ENOMEM;
+    b->priv = calloc(1, sizeof(struct batch_priv));
+    if (!b->priv) {
+        free(b);
+        return -ENOMEM;
+    }
+    r = fl_batch_set(b, fds, n);
+    if (r < 0) {
+        fl_batch_free(b);
+        return r;
+    }
+    *out = b;
+    return 0;
+}
+
+void fl_batch_free(struct fl_batch *b)
+{
+    struct batch_priv *pv;
+
+    if (!b)
+        return;
+    pv = b->priv;
+    if (pv) {
+        free(pv->pfd);
+        free(pv->map);
+        free(pv->badlist);
+        free(pv->scratch);
+        free(pv->bad);
+        free(pv);
+    }
+    free(b->fds);
+    free(b->status);
+    free(b->tcp_state);
+    free(b->flags);
+    free(b->err);
+    free(b->dead);
+    free(b->info);
+    free(b->info_len);
+    free(b);
+}
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int take_so_error(int fd)
+{
+    int err = 0;
+    socklen_t len = sizeof err;
+
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        return errno;
+    return err;
+}
+
+/* The slow path of the poll sweep: revents != 0 on a good entry. */
+static void poll_verdict(struct fl_batch *b, int i, short rev)
+{
+    int keep = sticky(b, i, FL_M_POLL);
+
+    b->flags[i] = 0;
+    b->tcp_state[i] = 0;
+    if (rev & POLLNVAL) {
+        b->status[i] = FL_INVALID;
+        b->err[i] = EBADF;
+    } else if (rev & POLLERR) {
+        int err = take_so_error(b->fds[i]);
+        if (err) {
+            b->status[i] = (uint8_t)fl_status_of_errno(err);
+            b->err[i] = err;
+        } else if (!keep) {
+            b->status[i] = FL_CLOSED;
+            b->err[i] = 0;
+        }
+    } else if (rev & (POLLHUP | POLLRDHUP)) {
+        if (!keep) {
+            b->status[i] = FL_PEER_CLOSED;
+            b->err[i] = 0;
+        }
+        if (!(rev & POLLHUP))
+            b->flags[i] = FL_F_WRITE_OPEN;
+    } else {
+        b->status[i] = FL_ALIVE;
+        b->err[i] = 0;
+        if (rev & POLLIN)
+            b->flags[i] = FL_F_DATA_PENDING;
+    }
+}
+
+/* dead[] = the good entries a sweep found dead (scratch[0..ng), ascending)
+ * merged with the bad ones (badlist, ascending). */
+static int finish(struct fl_batch *b, int ng, int method)
+{
+    struct batch_priv *pv = b->priv;
+    const int *g = pv->scratch, *bad = pv->badlist;
+    int kg = 0, kb = 0, nd = 0, nb = b->nbad;
+
+    while (kg < ng && kb < nb)
+        b->dead[nd++] = g[kg] < bad[kb] ? g[kg++] : bad[kb++];
+    while (kg < ng)
+        b->dead[nd++] = g[kg++];
+    while (kb < nb)
+        b->dead[nd++] = bad[kb++];
+    b->ndead = nd;
+    b->method = method;
+    return nd;
+}
+
+int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
+{
+    struct batch_priv *pv = b->priv;
+    struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
+    int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    int j, r, ng = 0, n = pv->ngood;
+
+    if (timeout_ms < 0)
+        return -EINVAL;
+    for (;;) {
+        r = poll(pfd, (nfds_t)n, timeout_ms);
+        if (r >= 0)
+            break;
+        if (errno != EINTR)
+            return -errno;
+        {
+            int64_t left = deadline - now_ms();
+            timeout_ms = left > 0 ? (int)left : 0;
+        }
+    }
+    for (j = 0; j < n; j++) {
+        short rev = pfd[j].revents;
+        int i = map[j];
+
+        if (!rev) {
+            set_alive(b, i);
+            continue;
+        }
+        poll_verdict(b, i, rev);
+        if (b->status[i] != FL_ALIVE)
+            pv->scratch[ng++] = i;
+    }
+    return finish(b, ng, FL_M_POLL);
+}
+
+int fl_batch_sweep_states(struct fl_batch *b)
+{
+    struct batch_priv *pv = b->priv;
+    const struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
+    int j, ng = 0, n = pv->ngood;
+
+    for (j = 0; j < n; j++) {
+        int i = map[j];
+        uint8_t st = 0, s;
+        socklen_t len = 1;
+
+        if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, &st, &len) < 0) {
+            int err = errno;
+            b->status[i] = FL_INVALID;
+            b->err[i] = err;
+            b->tcp_state[i] = 0;
+            b->flags[i] = 0;
+            pv->scratch[ng++] = i;
+            continue;
+        }
+        if (len < 1)
+            st = 0;
+        s = state_status[st & 15];
+        b->tcp_state[i] = st;
+        b->status[i] = s;
+        b->flags[i] = 0;
+        if (s == FL_ALIVE) {
+            b->err[i] = 0;
+        } else {
+            b->err[i] = s == FL_INVALID ? state_err(st) : 0;
+            pv->scratch[ng++] = i;
+        }
+    }
+    return finish(b, ng, FL_M_TCP_INFO);
+}
+
+int fl_batch_sweep_tcp_info(struct fl_batch *b)
+{
+    struct batch_priv *pv = b->priv;
+    const struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
+    struct fl_tcp_info *info;
+    int j, ng = 0, n = pv->ngood;
+
+    if (!b->info) {
+        /* Once per batch: the record array is only needed by this sweep. */
+        b->info = calloc((size_t)pv->cap, sizeof *b->info);
+        if (!b->info)
+            return -ENOMEM;
+    }
+    info = b->info;
+    for (j = 0; j < n; j++) {
+        int i = map[j];
+        socklen_t len = sizeof *info;
+        struct fl_tcp_info *ti = &info[i];
+        uint8_t st, s;
+
+        if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, ti, &len) < 0) {
+            int err = errno;
+            b->info_len[i] = 0;
+            b->status[i] = FL_INVALID;
+            b->err[i] = err;
+            b->tcp_state[i] = 0;
+            b->flags[i] = 0;
+            pv->scratch[ng++] = i;
+            continue;
+        }
+        b->info_len[i] = (uint32_t)len;
+        st = len >= 1 ? ti->tcpi_state : 0;
+        s = state_status[st & 15];
+        b->tcp_state[i] = st;
+        b->status[i] = s;
+        b->err[i] = s == FL_INVALID ? state_err(st) : 0;
+        b->flags[i] = 0;
+        if (s != FL_ALIVE) {
+            pv->scratch[ng++] = i;
+            continue;
+        }
+        /* The SUSPECT signal of fl_check_tcp_info, on fields the kernel
+         * returned (a shorter record leaves them out). */
+        if (len >= offsetof(struct fl_tcp_info, tcpi_last_ack_recv) + 4
+            && (ti->tcpi_retransmits || ti->tcpi_probes || ti->tcpi_backoff
+                || (ti->tcpi_unacked > 0 && ti->tcpi_rto > 0
+                    && (uint64_t)ti->tcpi_last_ack_recv * 1000 > 2ull * ti->tcpi_rto)))
+            b->flags[i] = FL_F_SUSPECT;
+    }
+    return finish(b, ng, FL_M_TCP_INFO);
+}
+
+int fl_batch_sweep_peek(struct fl_batch *b)
+{
+    struct batch_priv *pv = b->priv;
+    const struct pollfd *pfd = pv->pfd;
+    const int *map = pv->map;
+    int j, ng = 0, n = pv->ngood;
+
+    for (j = 0; j < n; j++) {
+        int i = map[j];
+        char byte;
+        ssize_t r = recv(pfd[j].fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+
+        if (r < 0) {
+            int err = errno;
+            if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR) {
+                set_alive(b, i);
+                continue;
+            }
+            b->tcp_state[i] = 0;
+            b->flags[i] = 0;
+            if (err == ENOTCONN) {
+                /* Built connected, now not: the kernel closed it (the
+                 * reason, if any, was taken by an earlier read). */
+                if (!sticky(b, i, FL_M_PEEK)) {
+                    b->status[i] = FL_CLOSED;
+                    b->err[i] = 0;
+                }
+            } else {
+                b->status[i] = (uint8_t)fl_status_of_errno(err);
+                b->err[i] = err;
+            }
+            pv->scratch[ng++] = i;
+        } else if (r == 0) {
+            if (!sticky(b, i, FL_M_PEEK)) {
+                b->status[i] = FL_PEER_CLOSED;
+                b->err[i] = 0;
+            }
+            b->tcp_state[i] = 0;
+            b->flags[i] = 0;
+            pv->scratch[ng++] = i;
+        } else {
+            set_alive(b, i);
+            b->flags[i] = FL_F_DATA_PENDING;
+        }
+    }
+    return finish(b, ng, FL_M_PEEK);
+}
