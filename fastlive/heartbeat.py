@@ -250,7 +250,7 @@ class HeartbeatEngine:
         self._lock = threading.Lock()
         self.rtt: Deque[RttSample] = deque(maxlen=max(1, rtt_samples))
 
-    def _live(self) -> "ffi.CData":
+    def _live(self) -> ffi.CData:
         if self._hb is None:
             raise ValueError("the engine is closed")
         return self._hb
@@ -343,7 +343,7 @@ class HeartbeatEngine:
                 ffi.release(hb)
                 self._socks.clear()
 
-    def __enter__(self) -> "HeartbeatEngine":
+    def __enter__(self) -> HeartbeatEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -484,7 +484,7 @@ class PyHeartbeatPeer:
             deaths, self._deaths = self._deaths, []
         return deaths
 
-    def start(self) -> "PyHeartbeatPeer":
+    def start(self) -> PyHeartbeatPeer:
         """Run :meth:`step` in a daemon thread until :meth:`stop`."""
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="PyHeartbeatPeer",
@@ -515,7 +515,7 @@ class PyHeartbeatPeer:
         self.stop()
         self._sel.close()
 
-    def __enter__(self) -> "PyHeartbeatPeer":
+    def __enter__(self) -> PyHeartbeatPeer:
         return self
 
     def __exit__(self, *exc: object) -> None:

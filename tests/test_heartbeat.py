@@ -559,7 +559,7 @@ def test_inside_asyncio_via_fileno(engine: HeartbeatEngine, listener: socket.soc
 
     async def main() -> List[HeartbeatDeath]:
         loop = asyncio.get_running_loop()
-        got: "asyncio.Queue[HeartbeatDeath]" = asyncio.Queue()
+        got: asyncio.Queue[HeartbeatDeath] = asyncio.Queue()
         loop.add_reader(engine.fileno(), lambda: [got.put_nowait(d) for d in engine.poll()])
         try:
             engine.add(cli, 0.05, 3)              # nobody answers: dies at 0.15 s
