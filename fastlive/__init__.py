@@ -9,7 +9,10 @@ returns a :class:`Verdict`:
 3. TCP_INFO - :func:`tcp_info`, :func:`check_tcp_info`
 4. keepalive and TCP_USER_TIMEOUT - :func:`set_keepalive`, :func:`detect_within`
 5. SO_RCVTIMEO - :func:`set_timeouts`, :func:`check_rcvtimeo`
-6. an application heartbeat - :mod:`fastlive.heartbeat`
+6. an application heartbeat - :class:`HeartbeatEngine`
+
+Thousands at once: :class:`Batch` (one C call per sweep) and
+:class:`Monitor` (epoll: O(deaths), not O(connections)).
 """
 from __future__ import annotations
 
@@ -26,6 +29,14 @@ from .tcpinfo import TCP_INFO_SIZE, TcpInfo, check_tcp_info, tcp_info
 from .tcpstate import TcpState
 from .timeouts import check_rcvtimeo, get_timeouts, set_timeouts
 from .verdict import Flag, Method, Status, Verdict
+
+# Many connections at once: batch sweeps and the epoll Monitor.
+from .batch import Batch, Dead, TcpInfoRecords
+from .monitor import Death, Monitor
+
+# Method 6, the heartbeat engine; and the article's programs, ported.
+from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample
+from .article import Noticed, run_client, run_server, stop_matrix
 
 _CHECKS: Dict[Method, Callable[[SocketLike], Verdict]] = {
     Method.PEEK: check_peek,
@@ -56,20 +67,7 @@ __all__ = [
     "KeepaliveSettings", "Bound", "get_keepalive", "set_keepalive",
     "detection_time", "detect_within", "plan_within", "retransmit_timeout",
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
+    "Batch", "Dead", "TcpInfoRecords", "Monitor", "Death",
+    "HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample",
+    "run_client", "run_server", "stop_matrix", "Noticed",
 ]
-
-# The article's programs (take over the process when run: see fastlive.article).
-from .article import Noticed, run_client, run_server, stop_matrix  # noqa: E402
-
-__all__ += ["run_client", "run_server", "stop_matrix", "Noticed"]
-
-# Many connections at once: batch sweeps and the epoll Monitor.
-from .batch import Batch, Dead, TcpInfoRecords  # noqa: E402
-from .monitor import Death, Monitor  # noqa: E402
-
-__all__ += ["Batch", "Dead", "TcpInfoRecords", "Monitor", "Death"]
-
-# The heartbeat engine (method 6).
-from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample  # noqa: E402
-
-__all__ += ["HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample"]
