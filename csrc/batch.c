@@ -7,6 +7,7 @@
  * for entries that are not alive.
  */
 #include "fl_prelude.h"
+#include "sockutil.h"
 #include "fl_core.h"
 #include "fl_batch.h"
 
@@ -253,23 +254,7 @@ void fl_batch_free(struct fl_batch *b)
     free(b);
 }
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
 
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int take_so_error(int fd)
-{
-    int err = 0;
-    socklen_t len = sizeof err;
-
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        return errno;
-    return err;
-}
 
 /* The slow path of the poll sweep: revents != 0 on a good entry. */
 static void poll_verdict(struct fl_batch *b, int i, short rev)
@@ -329,7 +314,7 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
     struct batch_priv *pv = b->priv;
     struct pollfd *pfd = pv->pfd;
     const int *map = pv->map;
-    int64_t deadline = now_ms() + (timeout_ms > 0 ? timeout_ms : 0);
+    int64_t deadline = mono_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     int j, r, ng = 0, n = pv->ngood;
 
     if (timeout_ms < 0)
@@ -341,7 +326,7 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
         if (errno != EINTR)
             return -errno;
         {
-            int64_t left = deadline - now_ms();
+            int64_t left = deadline - mono_ms();
             timeout_ms = left > 0 ? (int)left : 0;
         }
     }

@@ -3,6 +3,7 @@
  * the heartbeat lives in heartbeat.c).  See fl_core.h for the contract.
  */
 #include "fl_prelude.h"
+#include "sockutil.h"
 #include "fl_core.h"
 
 #include <errno.h>
@@ -142,38 +143,31 @@ static int reject_invalid(int fd, struct fl_verdict *v)
     return 0;
 }
 
-/* SO_ERROR is the kernel's pending error; reading it clears it. */
-static int take_so_error(int fd)
-{
-    int err = 0;
-    socklen_t len = sizeof err;
 
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        return errno;
-    return err;
+/* Peek one byte without waiting and read the answer: bytes queued (alive,
+ * DATA_PENDING), 0 = the peer's FIN (or, in state CLOSE, a connection the
+ * kernel already closed), or the pending error.  Nothing is consumed. */
+static void peek_verdict(int fd, struct fl_verdict *v)
+{
+    char byte;
+    ssize_t n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+
+    if (n > 0) {
+        v->flags |= FL_F_DATA_PENDING;
+    } else if (n == 0) {
+        v->status = v->tcp_state == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED;
+    } else {
+        verdict_errno(v, errno);
+        if (v->status == FL_INVALID && v->tcp_state == TCP_CLOSE)
+            v->status = FL_CLOSED, v->err = 0;      /* ENOTCONN after close */
+    }
 }
 
 void fl_check_peek(int fd, struct fl_verdict *v)
 {
-    char byte;
-    ssize_t n;
-
     verdict_init(v, FL_M_PEEK);
-    if (reject_invalid(fd, v))
-        return;
-    n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0) {
-        v->flags |= FL_F_DATA_PENDING;
-    } else if (n == 0) {
-        if (v->tcp_state == TCP_CLOSE)
-            v->status = FL_CLOSED;
-        else
-            v->status = FL_PEER_CLOSED;
-    } else {
-        verdict_errno(v, errno);
-        if (v->status == FL_INVALID && v->tcp_state == TCP_CLOSE)
-            v->status = FL_CLOSED, v->err = 0;
-    }
+    if (!reject_invalid(fd, v))
+        peek_verdict(fd, v);
 }
 
 void fl_check_so_error(int fd, struct fl_verdict *v)
@@ -208,20 +202,12 @@ long fl_send(int fd, const void *buf, size_t len, int flags, struct fl_verdict *
     return (long)n;
 }
 
-/* Milliseconds on the monotonic clock. */
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* poll() one fd, retrying EINTR against the original deadline. */
 static int poll_one(int fd, short events, int timeout_ms, short *revents)
 {
     struct pollfd p;
-    int64_t deadline = timeout_ms >= 0 ? now_ms() + timeout_ms : 0;
+    int64_t deadline = timeout_ms >= 0 ? mono_ms() + timeout_ms : 0;
     int r;
 
     for (;;) {
@@ -234,7 +220,7 @@ static int poll_one(int fd, short events, int timeout_ms, short *revents)
         if (errno != EINTR)
             return -errno;
         if (timeout_ms >= 0) {
-            int64_t left = deadline - now_ms();
+            int64_t left = deadline - mono_ms();
             timeout_ms = left > 0 ? (int)left : 0;
         }
     }
@@ -292,8 +278,6 @@ void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v)
     fd_set rfds;
     struct timeval tv, *tvp = NULL;
     int64_t deadline = 0;
-    char byte;
-    ssize_t n;
     int r;
 
     verdict_init(v, FL_M_SELECT);
@@ -312,12 +296,12 @@ void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v)
             return;
     } else {
         if (timeout_ms >= 0)
-            deadline = now_ms() + timeout_ms;
+            deadline = mono_ms() + timeout_ms;
         for (;;) {
             FD_ZERO(&rfds);
             FD_SET(fd, &rfds);
             if (timeout_ms >= 0) {
-                int64_t left = deadline - now_ms();
+                int64_t left = deadline - mono_ms();
                 if (left < 0)
                     left = 0;
                 tv.tv_sec = (time_t)(left / 1000);
@@ -335,13 +319,7 @@ void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v)
         if (r == 0 || !FD_ISSET(fd, &rfds))
             return;    /* nothing to read: no news */
     }
-    n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0)
-        v->flags |= FL_F_DATA_PENDING;
-    else if (n == 0)
-        v->status = v->tcp_state == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED;
-    else
-        verdict_errno(v, errno);
+    peek_verdict(fd, v);
 }
 
 /* TCP_INFO cannot see a peer that vanished silently: the state stays
@@ -519,8 +497,6 @@ void fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v)
 {
     int64_t rcv_us = 0, snd_us = 0;
     short rev = 0;
-    char byte;
-    ssize_t n;
     int r;
 
     verdict_init(v, FL_M_RCVTIMEO);
@@ -546,11 +522,5 @@ void fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v)
         v->err = EAGAIN;
         return;
     }
-    n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n > 0)
-        v->flags |= FL_F_DATA_PENDING;
-    else if (n == 0)
-        v->status = v->tcp_state == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED;
-    else
-        verdict_errno(v, errno);
+    peek_verdict(fd, v);
 }

@@ -14,6 +14,7 @@
  * allocate.  All loops are bounded (events per wait, reads per event).
  */
 #include "fl_prelude.h"
+#include "sockutil.h"
 #include "fl_core.h"
 #include "fl_heartbeat.h"
 
@@ -95,13 +96,6 @@ struct fl_hb {
     struct fl_hb_stats st;
 };
 
-static int64_t now_us(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
 
 /* ---- wire format ---------------------------------------------------- */
 
@@ -504,10 +498,7 @@ static void on_shared_event(struct fl_hb *hb, int32_t i, uint32_t ev, int64_t no
     if (silent >= 0)
         shared_heard(c, now, silent, bytes);
     if (ev & EPOLLERR) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-            err = errno;
+        int err = take_so_error(c->fd);
         if (err) {
             die_errno(hb, i, err, FL_M_EPOLL, now);
             if (c->state == C_LIVE)
@@ -654,7 +645,7 @@ static int drain(struct fl_hb *hb, struct fl_hb_event *out, int max, int *deaths
 int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int max)
 {
     struct epoll_event evs[MAX_EVENTS];
-    int64_t now = now_us(), deadline;
+    int64_t now = mono_us(), deadline;
     int n = 0, deaths = 0, passes = 0, full = 0;
 
     if (!hb || max < 0 || (max > 0 && !out) || timeout_ms < 0)
@@ -670,7 +661,7 @@ int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int ma
         r = arm_timer(hb);
         if (r < 0)
             return n ? n : r;
-        now = now_us();
+        now = mono_us();
         left = deadline - now;
         wait_ms = left > 0 ? (int)((left + 999) / 1000) : 0;
         if (wait_ms > 0 && hb->armed_tick >= 0 && !full) {
@@ -695,7 +686,7 @@ int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int ma
         r = epoll_wait(hb->epfd, evs, MAX_EVENTS, wait_ms);
         if (r < 0) {
             if (errno == EINTR) {
-                if (now_us() >= deadline)
+                if (mono_us() >= deadline)
                     return n;
                 continue;
             }
@@ -703,7 +694,7 @@ int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int ma
             return n ? n : r;
         }
         hb->st.wakeups++;
-        now = now_us();
+        now = mono_us();
         for (k = 0; k < r; k++) {
             uint64_t tag = evs[k].data.u64;
             int32_t i;
@@ -803,9 +794,9 @@ int fl_hb_new(int tick_ms, int capacity, struct fl_hb **out)
         hb->head[s] = NIL;
     hb->tick_us = (int64_t)tick_ms * 1000;
     hb->st.tick_us = hb->tick_us;
-    hb->cur_tick = now_us() / hb->tick_us;
+    hb->cur_tick = mono_us() / hb->tick_us;
     hb->armed_tick = -2;
-    hb->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)now_us() ^ ((uint64_t)getpid() << 32);
+    hb->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)mono_us() ^ ((uint64_t)getpid() << 32);
     hb->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (hb->epfd < 0)
         goto fail_errno;
@@ -894,7 +885,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
         return -errno;
     hb->free_head = c->next;
-    now = now_us();
+    now = mono_us();
     c->gen++;
     c->fd = fd;
     c->flags = flags;

@@ -24,6 +24,7 @@
  * reported once as a death with FL_F_BEHIND_BACK (status CLOSED, err EBADF).
  */
 #include "fl_prelude.h"
+#include "sockutil.h"
 #include "fl_core.h"
 #include "fl_monitor.h"
 
@@ -429,15 +430,6 @@ int fl_monitor_verify(struct fl_monitor *m)
     return rc < 0 ? rc : found;
 }
 
-static int take_so_error(int fd)
-{
-    int err = 0;
-    socklen_t len = sizeof err;
-
-    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-        return errno;
-    return err;
-}
 
 /* Fills *d for an event on a live registration whose identity holds. */
 static void classify(const struct reg *r, uint32_t events, struct fl_death *d)
@@ -474,13 +466,6 @@ static void classify(const struct reg *r, uint32_t events, struct fl_death *d)
     }
 }
 
-static int64_t now_ms(void)
-{
-    struct timespec ts;
-
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Moves pending deaths into out; clears the wake signal once none are
  * left.  Under the lock. */
@@ -511,7 +496,7 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
     if (timeout_ms < 0 || max < 1)
         return -EINVAL;
     if (timeout_ms > 0)
-        deadline = now_ms() + timeout_ms;
+        deadline = mono_ms() + timeout_ms;
     pthread_mutex_lock(&m->lock);
     if (m->npending || m->wake_set) {
         /* wake_set with nothing pending is a bare fl_monitor_wake(): it
@@ -529,7 +514,7 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
         int tmo = 0, got, i, woken = 0;
 
         if (!n && timeout_ms > 0) {
-            int64_t left = deadline - now_ms();
+            int64_t left = deadline - mono_ms();
             tmo = left > 0 ? (int)left : 0;
         }
         if (want < 1)

@@ -8,6 +8,7 @@ without pytest too.  See ``docs/testing.md``.
 fixture              gives
 ===================  =========================================================
 ``loopback_pair``    (local, peer) sockets on 127.0.0.1, both in this process
+``loopback_pairs``   factory: ``make(n)`` gives n more such pairs
 ``loopback_peer``    (local socket, :class:`~fastlive.faults.PeerProcess`):
                      the peer end lives in a helper process you can close,
                      reset, half-close, SIGKILL or freeze
@@ -46,6 +47,32 @@ def loopback_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
     finally:
         local.close()
         peer.close()
+
+
+@pytest.fixture
+def loopback_pairs() -> Iterator[Callable[[int], List[Tuple[socket.socket, socket.socket]]]]:
+    """A factory: ``make(n)`` returns n connected (local, peer) pairs on
+    127.0.0.1, all in this process (mind RLIMIT_NOFILE: two fds a pair);
+    every socket is closed after the test."""
+    made: List[socket.socket] = []
+    lst = socket.create_server(("127.0.0.1", 0), backlog=128)
+
+    def make(n: int) -> List[Tuple[socket.socket, socket.socket]]:
+        out = []
+        for _ in range(n):
+            local = socket.create_connection(lst.getsockname(), timeout=5)
+            made.append(local)
+            peer, _ = lst.accept()
+            made.append(peer)
+            out.append((local, peer))
+        return out
+
+    try:
+        yield make
+    finally:
+        lst.close()
+        for s in made:
+            s.close()
 
 
 @pytest.fixture

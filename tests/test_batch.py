@@ -7,7 +7,7 @@ import socket
 import struct
 import time
 import tracemalloc
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, List, Tuple
 
 import pytest
 
@@ -19,25 +19,9 @@ SWEEPS = ("poll", "states", "tcp_info", "peek")
 
 
 @pytest.fixture
-def pairs() -> Iterator[Callable[[int], List[Pair]]]:
+def pairs(loopback_pairs: Callable[[int], List[Pair]]) -> Callable[[int], List[Pair]]:
     """make(n): n connected (local, peer) pairs in this process."""
-    made: List[socket.socket] = []
-    lst = socket.create_server(("127.0.0.1", 0), backlog=128)
-
-    def make(n: int) -> List[Pair]:
-        out = []
-        for _ in range(n):
-            c = socket.create_connection(lst.getsockname(), timeout=5)
-            p, _ = lst.accept()
-            made.extend((c, p))
-            out.append((c, p))
-        return out
-
-    try:
-        yield make
-    finally:
-        lst.close()
-        close_all(made)
+    return loopback_pairs
 
 
 def sweep(b: Batch, kind: str) -> int:
