@@ -19,7 +19,12 @@
 # Environment:
 #   FASTLIVE_ARM_CACHE         roots and work dir (/var/cache/fastlive-arm)
 #   FASTLIVE_ARM_ARCHS         Debian arches to build/test ("arm64 armhf")
-#   FASTLIVE_ARM_SUITE         suite of the build/test roots (bookworm)
+#   FASTLIVE_ARM_SUITE         suite of the test root (bookworm)
+#   FASTLIVE_ARM_BUILD_SUITE   suite whose glibc and Python headers the wheels
+#                              are built against (bullseye: glibc 2.31 and
+#                              Python 3.9, the oldest the cp39-abi3 wheel
+#                              serves; a newer glibc would version symbols
+#                              like fstat and pthread_mutex_lock 2.33/2.34)
 #   FASTLIVE_ARM_SMOKE_SUITES  suites for the extra smoke test ("bullseye trixie";
 #                              "" for none)
 #   FASTLIVE_DEBIAN_MIRROR     Debian mirror (http://deb.debian.org/debian)
@@ -32,6 +37,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cache=${FASTLIVE_ARM_CACHE:-/var/cache/fastlive-arm}
 archs=${FASTLIVE_ARM_ARCHS:-arm64 armhf}
 suite=${FASTLIVE_ARM_SUITE:-bookworm}
+build_suite=${FASTLIVE_ARM_BUILD_SUITE:-bullseye}
 smoke_suites=${FASTLIVE_ARM_SMOKE_SUITES-bullseye trixie}
 mirror=${FASTLIVE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 out=${FASTLIVE_ARM_OUT:-$top/wheelhouse}
@@ -115,6 +121,7 @@ flock -w 1800 9 || die "another arm_wheels.sh holds $cache/.lock"
 # bookworm, 3.13 in trixie).  extract: no maintainer scripts, seconds.
 PKGS_BUILD=python3,python3-cffi-backend,python3-pytest,python3-pytest-timeout,python3-hypothesis,libpython3-dev,libc6-dev
 PKGS_SMOKE=python3,python3-cffi-backend,python3-pytest,python3-pytest-timeout
+PKGS_SYSROOT=libpython3-dev,libc6-dev
 ROOT_FORMAT=1   # bump when the way roots are made changes
 
 make_root() {  # suite arch packages -> path (cached)
@@ -151,6 +158,8 @@ declare -A roots=() pids=()
 for a in $archs; do
     roots[$suite-$a]=$PKGS_BUILD
     for s in $smoke_suites; do roots[$s-$a]=$PKGS_SMOKE; done
+    k=$build_suite-$a
+    roots[$k]=${roots[$k]:+${roots[$k]},}$PKGS_SYSROOT
 done
 say "Debian roots in $cache/roots: ${!roots[*]}"
 for key in "${!roots[@]}"; do
@@ -175,6 +184,15 @@ for key in "${failed[@]}"; do      # one more try each, one at a time
     die "mmdebstrap $key failed (log: $log)"
 done
 
+# The build sysroot falls back to the test root when the mirror cannot
+# serve the older suite (the wheel then needs that suite's glibc).
+for a in $archs; do
+    if [ -z "${roots[$build_suite-$a]+x}" ]; then
+        say "build sysroot $build_suite-$a unavailable: building against $suite"
+        build_suite=$suite
+    fi
+done
+
 # -------------------------------------------------------------- the wheels
 work="$cache/work"
 rm -rf "$work"; mkdir -p "$work" "$out"
@@ -195,7 +213,7 @@ for a in $archs; do
         armhf) triplet=arm-linux-gnueabihf; plat=linux-armv7l ;;
         *) die "unknown arch $a (arm64 or armhf)";;
     esac
-    root="$cache/roots/$suite-$a"
+    root="$cache/roots/$build_suite-$a"
     pyinc=$(ls -d "$root"/usr/include/python3.*[0-9] | head -1)
     cc="$triplet-gcc --sysroot=$root"
     say "build $plat wheel ($cc, $(basename "$pyinc") headers)"

@@ -1,6 +1,6 @@
 """Import and one real call: the wheel test command (also valid under qemu)."""
 import socket
-import shutil
+import os
 import subprocess
 import sys
 
@@ -29,8 +29,10 @@ def test_one_check_on_loopback():
 
 def test_version_commands():
     cmds = [[sys.executable, "-m", "fastlive", "--version"]]
-    script = shutil.which("fastlive")
-    if script:   # installed (pip install -e . puts it on PATH)
+    # the console script that belongs to this interpreter (pip install -e .
+    # puts it beside it; a `fastlive` elsewhere on PATH may be another's)
+    script = os.path.join(os.path.dirname(sys.executable), "fastlive")
+    if os.path.exists(script):
         cmds.append([script, "--version"])
     for cmd in cmds:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
