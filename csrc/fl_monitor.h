@@ -55,3 +55,7 @@ void fl_monitor_wake(struct fl_monitor *m);
 /* O(N): checks every registration's identity and queues a pending death
  * for each fd closed or reused behind the monitor's back.  Count found. */
 int  fl_monitor_verify(struct fl_monitor *m);
+
+/* A socket's inode from /proc/self/fd (the monitor's identity on kernels
+ * without SO_COOKIE): 0, -EBADF, -ENOTSOCK. */
+int fl_socket_inode(int fd, uint64_t *ino);

@@ -18,7 +18,7 @@
  * a socket is closed the kernel drops it silently, and the fd number may
  * come back as another socket.  The rule: the monitor stores each socket's
  * SO_COOKIE (a per-socket id the kernel never reuses while it runs; the
- * fstat inode is the fallback) and compares it before it acts on an fd
+ * socket's inode is the fallback) and compares it before it acts on an fd
  * number - on add() of a number it holds, on remove(), on every event, and
  * for all registrations in fl_monitor_verify().  A mismatch, or EBADF, is
  * reported once as a death with FL_F_BEHIND_BACK (status CLOSED, err EBADF).
@@ -35,7 +35,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
+#include <stdio.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <time.h>
@@ -57,7 +57,7 @@ struct reg {
     int live;
     int armed;
     uint64_t cookie;       /* SO_COOKIE, 0 if the kernel has none */
-    uint64_t ino;          /* fstat st_ino */
+    uint64_t ino;          /* socket inode (fallback identity) */
 };
 
 struct fl_monitor {
@@ -83,15 +83,33 @@ static uint64_t token_of(int slot, uint32_t gen)
     return (uint64_t)gen << 32 | (uint32_t)slot;
 }
 
+/* The inode of a socket fd, from its /proc/self/fd link ("socket:[123]").
+ * Not fstat(): glibc >= 2.33 versions that symbol, which would lift the
+ * wheels' glibc floor for a fallback that new kernels never take. */
+int fl_socket_inode(int fd, uint64_t *ino)
+{
+    char path[48], link[64];
+    unsigned long long v;
+    ssize_t n;
+
+    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    n = readlink(path, link, sizeof link - 1);
+    if (n < 0)
+        return errno == ENOENT ? -EBADF : -errno;
+    link[n] = '\0';
+    if (sscanf(link, "socket:[%llu]", &v) != 1)
+        return -ENOTSOCK;
+    *ino = (uint64_t)v;
+    return 0;
+}
+
 /* The socket's identity; -errno if fd is not an open socket.  SO_COOKIE
  * alone when the kernel has it (it fails for anything but a socket); the
- * fstat inode otherwise (kernel < 4.12), which is unique among open sockets
- * but may be reused after a close. */
+ * socket's inode otherwise (kernel < 4.12), which is unique among open
+ * sockets but may be reused after a close. */
 static int identity(int fd, uint64_t *cookie, uint64_t *ino)
 {
-    struct stat st;
     socklen_t len = sizeof *cookie;
-
     int r;
 
     *cookie = 0;
@@ -102,12 +120,7 @@ static int identity(int fd, uint64_t *cookie, uint64_t *ino)
     if (r < 0 && (errno == EBADF || errno == ENOTSOCK))
         return -errno;
     *cookie = 0;
-    if (fstat(fd, &st) < 0)
-        return -errno;
-    if (!S_ISSOCK(st.st_mode))
-        return -ENOTSOCK;
-    *ino = (uint64_t)st.st_ino;
-    return 0;
+    return fl_socket_inode(fd, ino);
 }
 
 static int same_socket(const struct reg *r)

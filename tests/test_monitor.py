@@ -372,3 +372,22 @@ def test_close_wakes_a_waiting_thread():
     m.close()
     t.join(10)
     assert done == [[]] and time.monotonic() - start < 5
+
+
+def test_inode_identity_fallback(pairs):
+    """The identity used where the kernel lacks SO_COOKIE."""
+    import errno as _errno
+    import os
+
+    from fastlive._lib import ffi, lib
+    (c, _p), = pairs(1)
+    ino = ffi.new("uint64_t *")
+    assert lib.fl_socket_inode(c.fileno(), ino) == 0
+    assert ino[0] == os.fstat(c.fileno()).st_ino
+    r, w = os.pipe()
+    try:
+        assert lib.fl_socket_inode(r, ino) == -_errno.ENOTSOCK
+    finally:
+        os.close(r)
+        os.close(w)
+    assert lib.fl_socket_inode(-1, ino) == -_errno.EBADF
