@@ -325,6 +325,7 @@ def test_blackhole_state(netns_pair):
 
 
 @needs_netns
+@pytest.mark.tcp_info_fields("unacked")
 def test_drop_rule_or_clear_error(netns_pair):
     from fastlive.faults import firewall_tool
     if firewall_tool() is None:

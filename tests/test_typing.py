@@ -9,8 +9,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_py_typed_is_shipped():
-    assert (ROOT / "fastlive" / "py.typed").exists()
-    assert (ROOT / "fastlive" / "_native.pyi").exists()
+    import fastlive
+    pkg = pathlib.Path(fastlive.__path__[0])      # the installed package
+    assert (pkg / "py.typed").exists()
+    assert (pkg / "_native.pyi").exists()
 
 
 def test_mypy_strict(tmp_path):
