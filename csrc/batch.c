@@ -424,12 +424,7 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
             pv->scratch[ng++] = i;
             continue;
         }
-        /* The SUSPECT signal of fl_check_tcp_info, on fields the kernel
-         * returned (a shorter record leaves them out). */
-        if (len >= offsetof(struct fl_tcp_info, tcpi_last_ack_recv) + 4
-            && (ti->tcpi_retransmits || ti->tcpi_probes || ti->tcpi_backoff
-                || (ti->tcpi_unacked > 0 && ti->tcpi_rto > 0
-                    && (uint64_t)ti->tcpi_last_ack_recv * 1000 > 2ull * ti->tcpi_rto)))
+        if (fl_tcp_info_suspect(ti, (int)len))
             b->flags[i] = FL_F_SUSPECT;
     }
     return finish(b, ng, FL_M_TCP_INFO);

@@ -373,14 +373,18 @@ void fl_check_tcp_info(int fd, struct fl_verdict *v)
         v->err = ENOTCONN;
         return;
     }
-    if (len >= (int)(offsetof(struct fl_tcp_info, tcpi_rto) + 4)) {
-        if (ti.tcpi_retransmits || ti.tcpi_probes || ti.tcpi_backoff)
-            v->flags |= FL_F_SUSPECT;
-    }
-    if (len >= (int)(offsetof(struct fl_tcp_info, tcpi_last_ack_recv) + 4)
-        && ti.tcpi_unacked > 0 && ti.tcpi_rto > 0
-        && (uint64_t)ti.tcpi_last_ack_recv * 1000 > 2ull * ti.tcpi_rto)
+    if (fl_tcp_info_suspect(&ti, len))
         v->flags |= FL_F_SUSPECT;
+}
+
+int fl_tcp_info_suspect(const struct fl_tcp_info *ti, int len)
+{
+    if (len >= (int)(offsetof(struct fl_tcp_info, tcpi_rto) + 4)
+        && (ti->tcpi_retransmits || ti->tcpi_probes || ti->tcpi_backoff))
+        return 1;
+    return len >= (int)(offsetof(struct fl_tcp_info, tcpi_last_ack_recv) + 4)
+        && ti->tcpi_unacked > 0 && ti->tcpi_rto > 0
+        && (uint64_t)ti->tcpi_last_ack_recv * 1000 > 2ull * ti->tcpi_rto;
 }
 
 /* --- keepalive -------------------------------------------------------- */

@@ -156,8 +156,11 @@ long fl_send(int fd, const void *buf, size_t len, int flags, struct fl_verdict *
 void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v);
 void fl_check_poll(int fd, int timeout_ms, struct fl_verdict *v);
 
-/* Method 3: TCP_INFO state, with the suspect signal. */
+/* Method 3: TCP_INFO state, with the suspect signal.  The signal itself,
+ * on a record of len bytes: retransmissions, keepalive probes or RTO
+ * backoff outstanding, or data unacknowledged with no ACK for > 2 RTOs. */
 void fl_check_tcp_info(int fd, struct fl_verdict *v);
+int  fl_tcp_info_suspect(const struct fl_tcp_info *ti, int len);
 
 /* Method 4: keepalive and TCP_USER_TIMEOUT. */
 struct fl_keepalive {

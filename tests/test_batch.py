@@ -291,3 +291,27 @@ def test_dead_list_invariants_over_mixed_entries(pairs):
                 seen.add(fd)
 
     check()
+
+
+@pytest.mark.tcp_info_fields("unacked", "last_ack_recv")
+def test_record_sweep_flags_a_struggling_sender_suspect(netns_pair):
+    """Silent death with data in flight: TCP_INFO still says ESTABLISHED,
+    but the record sweep flags the entry SUSPECT (retransmissions), and
+    leaves the quiet connection of the same dead peer unflagged."""
+    busy, idle = netns_pair.local, netns_pair.connect()
+    batch = Batch([busy, idle])
+    try:
+        netns_pair.blackhole()
+        busy.send(b"x" * 100)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            batch.sweep_tcp_info()
+            if batch.flags[0] & Flag.SUSPECT:
+                break
+            time.sleep(0.02)
+        assert batch.flags[0] & Flag.SUSPECT
+        assert not batch.flags[1] & Flag.SUSPECT
+        assert list(batch.statuses) == [Status.ALIVE, Status.ALIVE]
+        assert list(batch.states) == [TcpState.ESTABLISHED] * 2
+    finally:
+        batch.close()
