@@ -56,7 +56,7 @@
 #include <netinet/ip.h>
 #include <netinet/tcp.h>
 
-#define SERVER_IP_ADDR "127.0.0.1" /* fastlive: was "192.168.1.111" */
+#define SERVER_IP_ADDR "127.0.0.1" /* fastlive: the article's 192.168.1.111 is never used */
 #define PORT 8888 /* 侦听端口地址 */
 #define BACKLOG 2 /* 侦听队列长度 */
 
