@@ -199,19 +199,12 @@ static int peer(const char *ip, int busy_ms, int lifetime)
 
 /* floor IP PORT N INTERVAL_MS WARMUP_S SECONDS: N connections, one burst
  * of 5-byte PINGs per interval, one recv per readable connection. */
-static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
-                      double warmup, double seconds)
+/* nconn non-blocking TCP_NODELAY connections to ip:port, in epoll set ep. */
+static int connect_all(const char *ip, int port, int nconn, int *fds, int ep)
 {
     struct sockaddr_in a;
-    struct epoll_event ev, evs[512];
-    int *fds = calloc((size_t)nconn, sizeof *fds);
-    int ep = epoll_create1(0), i, n, k;
-    uint8_t ping[5] = {0xFB, 0x11, 0, 1, 0};
-    int64_t t0, start, stop, tick, interval = (int64_t)interval_ms * 1000, w0 = 0, w1;
-    double cpu0 = 0, cpu1 = 0;
-    uint64_t pings = 0, pongs = 0, late_n = 0, tick_n = 0, wakeups = 0;
-    int64_t late_max = 0, late_sum = 0;
-    int measuring = 0;
+    struct epoll_event ev;
+    int i;
 
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
@@ -222,7 +215,7 @@ static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
         fds[i] = socket(AF_INET, SOCK_STREAM, 0);
         if (fds[i] < 0 || connect(fds[i], (struct sockaddr *)&a, sizeof a) < 0) {
             perror("floor connect");
-            return 1;
+            return -1;
         }
         setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         fcntl(fds[i], F_SETFL, O_NONBLOCK);
@@ -230,6 +223,24 @@ static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
         ev.data.fd = fds[i];
         epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
     }
+    return 0;
+}
+
+static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
+                      double warmup, double seconds)
+{
+    struct epoll_event evs[512];
+    int *fds = calloc((size_t)nconn, sizeof *fds);
+    int ep = epoll_create1(0), i, n, k;
+    uint8_t ping[5] = {0xFB, 0x11, 0, 1, 0};
+    int64_t t0, start, stop, tick, interval = (int64_t)interval_ms * 1000, w0 = 0, w1;
+    double cpu0 = 0, cpu1 = 0;
+    uint64_t pings = 0, pongs = 0, late_n = 0, tick_n = 0, wakeups = 0;
+    int64_t late_max = 0, late_sum = 0;
+    int measuring = 0;
+
+    if (connect_all(ip, port, nconn, fds, ep) < 0)
+        return 1;
     t0 = now_us();
     start = t0 + (int64_t)(warmup * 1e6);
     stop = start + (int64_t)(seconds * 1e6);
@@ -287,10 +298,9 @@ static int floor_loop(const char *ip, int port, int nconn, int interval_ms,
 static int floor_spread(const char *ip, int port, int nconn, int interval_ms,
                         double warmup, double seconds)
 {
-    struct sockaddr_in a;
-    struct epoll_event ev, evs[512];
+    struct epoll_event evs[512];
     int *fds = calloc((size_t)nconn, sizeof *fds);
-    int ep = epoll_create1(0), i, n, k, next = 0, measuring = 0;
+    int ep = epoll_create1(0), n, k, next = 0, measuring = 0;
     uint8_t ping[5] = {0xFB, 0x11, 0, 1, 0};
     const int64_t tick_us = 10000, interval = (int64_t)interval_ms * 1000;
     int64_t t0, start, stop, cycle, boundary, w0 = 0, w1;
@@ -298,23 +308,8 @@ static int floor_spread(const char *ip, int port, int nconn, int interval_ms,
     uint64_t pings = 0, pongs = 0, late_n = 0, wakeups = 0;
     double cpu0 = 0, cpu1;
 
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_port = htons((uint16_t)port);
-    inet_pton(AF_INET, ip, &a.sin_addr);
-    for (i = 0; i < nconn; i++) {
-        int one = 1;
-        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
-        if (fds[i] < 0 || connect(fds[i], (struct sockaddr *)&a, sizeof a) < 0) {
-            perror("floor connect");
-            return 1;
-        }
-        setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        fcntl(fds[i], F_SETFL, O_NONBLOCK);
-        ev.events = EPOLLIN;
-        ev.data.fd = fds[i];
-        epoll_ctl(ep, EPOLL_CTL_ADD, fds[i], &ev);
-    }
+    if (connect_all(ip, port, nconn, fds, ep) < 0)
+        return 1;
     t0 = now_us();
     start = t0 + (int64_t)(warmup * 1e6);
     stop = start + (int64_t)(seconds * 1e6);
