@@ -54,6 +54,7 @@ enum { C_FREE = 0, C_LIVE = 1, C_DEAD = 2, C_GONE = 3 };
 
 struct conn {
     int fd;
+    uint64_t cookie;            /* SO_COOKIE at add(), 0 if none */
     int flags;
     int state;
     uint32_t gen;
@@ -301,13 +302,28 @@ static int flush_tx(struct conn *c)
     return c->txlen == 0;
 }
 
-/* Sends one frame; 1 = sent (or its rest queued), 0 = skipped, <0 = -errno. */
+/* Whether c->fd still names the socket that was added (not a later one
+ * that got the same number after a close behind the engine's back). */
+static int same_socket(const struct conn *c)
+{
+    uint64_t now_cookie;
+
+    if (!c->cookie)
+        return 1;
+    return sock_cookie(c->fd, &now_cookie) == 0 && now_cookie == c->cookie;
+}
+
+/* Sends one frame; 1 = sent (or its rest queued), 0 = skipped, <0 = -errno.
+ * Never writes into a socket other than the one added: -EBADF then. */
 static int send_frame(struct conn *c, int type, unsigned seq)
 {
     uint8_t f[FL_HB_HEADER_LEN];
     ssize_t n;
-    int r = flush_tx(c);
+    int r;
 
+    if (!same_socket(c))
+        return -EBADF;
+    r = flush_tx(c);
     if (r <= 0)
         return r;
     fl_hb_encode(type, seq, f, sizeof f);
@@ -846,7 +862,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     int32_t i;
     int r, st;
     int64_t now;
-    uint64_t bytes = UINT64_MAX;
+    uint64_t bytes = UINT64_MAX, cookie = 0;
 
     if (!hb || interval_ms < 1 || misses < 2 || misses > 1000
         || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
@@ -860,8 +876,26 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
         return -EOPNOTSUPP;
     if (st == TCP_SYN_SENT || st == TCP_CLOSE)
         return -ENOTCONN;
-    if (lookup(hb, fd) != NIL)
-        return -EEXIST;
+    r = sock_cookie(fd, &cookie);
+    if (r < 0)
+        return r;
+    i = lookup(hb, fd);
+    if (i != NIL) {
+        struct conn *old = &hb->c[i];
+        if (old->state == C_LIVE) {
+            if (same_socket(old))
+                return -EEXIST;
+            /* Closed behind the engine's back and the number reused: the old
+             * registration dies (INVALID, EBADF; reported by the next wait)
+             * and the new socket takes the number. */
+            conn_die(hb, i, FL_INVALID, EBADF, FL_M_HEARTBEAT,
+                     mono_us() - old->last_heard_us);
+            old->death.tcp_state = -1;      /* fd now names another socket */
+        }
+        /* A death not yet collected keeps its record; conn_free() of it
+         * leaves the fd map alone once the number is the new socket's. */
+        hb->fdmap[fd] = NIL;
+    }
     if (flags & FL_HB_SHARED) {
         /* shared mode lives on tcpi_last_data_recv: refuse now, not at the
          * first deadline, where TCP_INFO is short (qemu-user: 4 bytes) */
@@ -888,6 +922,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     now = mono_us();
     c->gen++;
     c->fd = fd;
+    c->cookie = cookie;
     c->flags = flags;
     c->state = C_LIVE;
     c->misses = misses;

@@ -38,4 +38,25 @@ static inline int take_so_error(int fd)
     return err;
 }
 
+#ifndef SO_COOKIE
+#define SO_COOKIE 57
+#endif
+
+/* The kernel's id of the socket behind fd (SO_COOKIE, Linux 4.12+): unique
+ * while the system runs, so it tells a socket from a later one that got
+ * the same fd number.  0 with *cookie = 0 when the kernel has no cookies;
+ * -errno when fd is not an open socket. */
+static inline int sock_cookie(int fd, uint64_t *cookie)
+{
+    socklen_t len = sizeof *cookie;
+
+    *cookie = 0;
+    if (getsockopt(fd, SOL_SOCKET, SO_COOKIE, cookie, &len) < 0) {
+        if (errno == ENOPROTOOPT)
+            return 0;
+        return -errno;
+    }
+    return 0;
+}
+
 #endif

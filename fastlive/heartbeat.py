@@ -247,6 +247,8 @@ class HeartbeatEngine:
         self._hb = ffi.gc(pp[0], lib.fl_hb_free)
         self._out = ffi.new("struct fl_hb_event[]", self._BATCH)
         self._socks: Dict[int, SocketLike] = {}
+        # sockets whose fd number was reused under them (see add())
+        self._stale: Dict[int, SocketLike] = {}
         self._lock = threading.Lock()
         self.rtt: Deque[RttSample] = deque(maxlen=max(1, rtt_samples))
 
@@ -262,13 +264,19 @@ class HeartbeatEngine:
         ``shared=False``: the engine owns the read side; every byte must be
         a heartbeat frame.  ``shared=True``: the application reads; see the
         module docstring for its duties.  Keep the socket open until it is
-        removed or reported dead.
+        removed or reported dead.  A socket closed behind the engine's back
+        is never written to: the engine checks the socket's SO_COOKIE before
+        each PING, reports the registration INVALID (EBADF) instead, and a
+        new socket that got the same fd number can be added at once.
         """
         ms, misses = _check_schedule(interval, misses)
         fd = fd_of(sock)
         flags = (lib.FL_HB_SHARED if shared else 0) | (lib.FL_HB_RTT if rtt else 0)
         with self._lock:
             check_rc(lib.fl_hb_add(self._live(), fd, ms, misses, flags))
+            prev = self._socks.get(fd)
+            if prev is not None and prev is not sock:
+                self._stale[fd] = prev   # its EBADF death comes with the next wait
             self._socks[fd] = sock
 
     def remove(self, sock: SocketLike) -> bool:
@@ -316,8 +324,12 @@ class HeartbeatEngine:
             if e.kind == lib.FL_HB_RTT_SAMPLE:
                 self.rtt.append(RttSample(e.fd, e.rtt_us / 1e6))
                 continue
-            deaths.append(HeartbeatDeath(e.fd, Verdict._from_c(e.verdict), e.silent_us / 1e6,
-                                self._socks.pop(e.fd, None)))
+            v = Verdict._from_c(e.verdict)
+            if v.errno == _errno.EBADF and e.fd in self._stale:
+                sock = self._stale.pop(e.fd, None)
+            else:
+                sock = self._socks.pop(e.fd, None)
+            deaths.append(HeartbeatDeath(e.fd, v, e.silent_us / 1e6, sock))
         return deaths
 
     def stats(self) -> EngineStats:

@@ -632,3 +632,32 @@ def test_an_echo_peer_is_a_heartbeat_peer(engine: HeartbeatEngine, loopback_peer
     deaths = run_until(engine, 2.0, bool)
     assert len(deaths) == 1 and deaths[0].verdict.status is Status.TIMED_OUT
     assert time.monotonic() - t0 <= 0.3 + 0.35
+
+
+def test_socket_closed_behind_the_engines_back_is_never_written(loopback_pairs):
+    """close() without remove(), and the fd number goes to a new socket: the
+    engine must not PING into the new connection; it reports the old
+    registration INVALID/EBADF and takes the new socket under that number."""
+    import errno as _errno
+    import select as _select
+
+    (old, _old_peer), = loopback_pairs(1)
+    with HeartbeatEngine(tick=0.005) as eng:
+        eng.add(old, 0.1, 3)
+        number = old.fileno()
+        old.close()                                   # behind the engine's back
+        (new, new_peer), = loopback_pairs(1)
+        if new.fileno() != number:                    # make the number reused
+            os.dup2(new.fileno(), number)
+            new.close()
+            new = socket.socket(fileno=number)
+        assert new.fileno() == number
+        deaths = eng.wait(0.5)                        # the PING was due at 0.1 s
+        assert [(d.fd, d.verdict.status, d.verdict.errno) for d in deaths] == [
+            (number, Status.INVALID, _errno.EBADF)]
+        new_peer.setblocking(False)
+        assert not _select.select([new_peer], [], [], 0)[0], "bytes were injected"
+        eng.add(new, 0.1, 3)                          # the number is free again
+        assert new in eng
+        eng.remove(new)
+    new.close()
