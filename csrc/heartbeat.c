@@ -438,6 +438,14 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
     uint8_t buf[RX_CHUNK];
     int k;
 
+    /* The event is the added socket's; the fd number may name another one
+     * now (closed behind our back while a dup kept the old one open): read
+     * nothing that is not ours. */
+    if (!same_socket(&hb->c[i])) {
+        conn_die(hb, i, FL_INVALID, EBADF, FL_M_HEARTBEAT, now - hb->c[i].last_heard_us);
+        hb->c[i].death.tcp_state = -1;
+        return;
+    }
     for (k = 0; k < READS_PER_EVENT && hb->c[i].state == C_LIVE; k++) {
         struct conn *c = &hb->c[i];
         ssize_t n = recv(c->fd, buf, sizeof buf, MSG_DONTWAIT);

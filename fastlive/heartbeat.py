@@ -265,8 +265,8 @@ class HeartbeatEngine:
         a heartbeat frame.  ``shared=True``: the application reads; see the
         module docstring for its duties.  Keep the socket open until it is
         removed or reported dead.  A socket closed behind the engine's back
-        is never written to: the engine checks the socket's SO_COOKIE before
-        each PING, reports the registration INVALID (EBADF) instead, and a
+        is never written to or read: the engine checks the socket's SO_COOKIE
+        before each PING and each read, reports the registration INVALID (EBADF) instead, and a
         new socket that got the same fd number can be added at once.
         """
         ms, misses = _check_schedule(interval, misses)

@@ -661,3 +661,33 @@ def test_socket_closed_behind_the_engines_back_is_never_written(loopback_pairs):
         assert new in eng
         eng.remove(new)
     new.close()
+
+
+def test_dup_kept_open_never_reads_the_new_sockets_bytes(loopback_pairs):
+    """close() without remove() while a dup keeps the old socket (and its
+    epoll registration) alive, and the number goes to a new socket: the old
+    socket's events must not make the engine read the new one."""
+    import errno as _errno
+
+    (old, old_peer), = loopback_pairs(1)
+    with HeartbeatEngine(tick=0.005) as eng:
+        eng.add(old, 5.0, 3)
+        number = old.fileno()
+        keep = os.dup(number)                         # the old socket stays open
+        try:
+            old.close()
+            (new, new_peer), = loopback_pairs(1)
+            if new.fileno() != number:
+                os.dup2(new.fileno(), number)
+                new.close()
+                new = socket.socket(fileno=number)
+            new_peer.sendall(b"app data")             # the application's bytes
+            old_peer.sendall(b"\xfb")                 # an event on the old socket
+            deaths = eng.wait(0.5)
+            assert [(d.fd, d.verdict.status, d.verdict.errno) for d in deaths] == [
+                (number, Status.INVALID, _errno.EBADF)]
+            new.settimeout(2)
+            assert new.recv(100) == b"app data"       # untouched
+        finally:
+            os.close(keep)
+    new.close()
