@@ -54,7 +54,7 @@ enum { C_FREE = 0, C_LIVE = 1, C_DEAD = 2, C_GONE = 3 };
 
 struct conn {
     int fd;
-    uint64_t cookie;            /* SO_COOKIE at add(), 0 if none */
+    uint64_t cookie, ino;       /* the socket's identity at add() */
     int flags;
     int state;
     uint32_t gen;
@@ -306,11 +306,10 @@ static int flush_tx(struct conn *c)
  * that got the same number after a close behind the engine's back). */
 static int same_socket(const struct conn *c)
 {
-    uint64_t now_cookie;
+    uint64_t cookie, ino;
 
-    if (!c->cookie)
-        return 1;
-    return sock_cookie(c->fd, &now_cookie) == 0 && now_cookie == c->cookie;
+    return sock_identity(c->fd, &cookie, &ino) == 0
+        && cookie == c->cookie && ino == c->ino;
 }
 
 /* Sends one frame; 1 = sent (or its rest queued), 0 = skipped, <0 = -errno.
@@ -870,7 +869,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     int32_t i;
     int r, st;
     int64_t now;
-    uint64_t bytes = UINT64_MAX, cookie = 0;
+    uint64_t bytes = UINT64_MAX, cookie = 0, ino = 0;
 
     if (!hb || interval_ms < 1 || misses < 2 || misses > 1000
         || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
@@ -884,7 +883,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
         return -EOPNOTSUPP;
     if (st == TCP_SYN_SENT || st == TCP_CLOSE)
         return -ENOTCONN;
-    r = sock_cookie(fd, &cookie);
+    r = sock_identity(fd, &cookie, &ino);
     if (r < 0)
         return r;
     i = lookup(hb, fd);
@@ -931,6 +930,7 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     c->gen++;
     c->fd = fd;
     c->cookie = cookie;
+    c->ino = ino;
     c->flags = flags;
     c->state = C_LIVE;
     c->misses = misses;

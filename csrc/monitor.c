@@ -41,9 +41,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#ifndef SO_COOKIE
-#define SO_COOKIE 57
-#endif
 #ifndef EPOLLRDHUP
 #define EPOLLRDHUP 0x2000
 #endif
@@ -83,51 +80,16 @@ static uint64_t token_of(int slot, uint32_t gen)
     return (uint64_t)gen << 32 | (uint32_t)slot;
 }
 
-/* The inode of a socket fd, from its /proc/self/fd link ("socket:[123]").
- * Not fstat(): glibc >= 2.33 versions that symbol, which would lift the
- * wheels' glibc floor for a fallback that new kernels never take. */
 int fl_socket_inode(int fd, uint64_t *ino)
 {
-    char path[48], link[64];
-    unsigned long long v;
-    ssize_t n;
-
-    snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
-    n = readlink(path, link, sizeof link - 1);
-    if (n < 0)
-        return errno == ENOENT ? -EBADF : -errno;
-    link[n] = '\0';
-    if (sscanf(link, "socket:[%llu]", &v) != 1)
-        return -ENOTSOCK;
-    *ino = (uint64_t)v;
-    return 0;
-}
-
-/* The socket's identity; -errno if fd is not an open socket.  SO_COOKIE
- * alone when the kernel has it (it fails for anything but a socket); the
- * socket's inode otherwise (kernel < 4.12), which is unique among open
- * sockets but may be reused after a close. */
-static int identity(int fd, uint64_t *cookie, uint64_t *ino)
-{
-    socklen_t len = sizeof *cookie;
-    int r;
-
-    *cookie = 0;
-    *ino = 0;
-    r = getsockopt(fd, SOL_SOCKET, SO_COOKIE, cookie, &len);
-    if (r == 0 && *cookie)
-        return 0;
-    if (r < 0 && (errno == EBADF || errno == ENOTSOCK))
-        return -errno;
-    *cookie = 0;
-    return fl_socket_inode(fd, ino);
+    return sock_inode(fd, ino);
 }
 
 static int same_socket(const struct reg *r)
 {
     uint64_t cookie, ino;
 
-    if (identity(r->fd, &cookie, &ino) < 0)
+    if (sock_identity(r->fd, &cookie, &ino) < 0)
         return 0;
     return cookie == r->cookie && ino == r->ino;
 }
@@ -329,7 +291,7 @@ int fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token)
     *token = 0;
     if (fd < 0)
         return -EBADF;
-    if ((rc = identity(fd, &cookie, &ino)) < 0)
+    if ((rc = sock_identity(fd, &cookie, &ino)) < 0)
         return rc;
     st = fl_tcp_state(fd);
     if (st < 0)
