@@ -36,20 +36,6 @@ from . import faults
 
 
 @pytest.fixture
-def loopback_pair() -> Iterator[Tuple[socket.socket, socket.socket]]:
-    """A connected (local, peer) pair of TCP sockets on 127.0.0.1, both in
-    this process; closed after the test."""
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        local = socket.create_connection(lst.getsockname(), timeout=5)
-        peer, _ = lst.accept()
-    try:
-        yield local, peer
-    finally:
-        local.close()
-        peer.close()
-
-
-@pytest.fixture
 def loopback_pairs() -> Iterator[Callable[[int], List[Tuple[socket.socket, socket.socket]]]]:
     """A factory: ``make(n)`` returns n connected (local, peer) pairs on
     127.0.0.1, all in this process (mind RLIMIT_NOFILE: two fds a pair);
@@ -73,6 +59,14 @@ def loopback_pairs() -> Iterator[Callable[[int], List[Tuple[socket.socket, socke
         lst.close()
         for s in made:
             s.close()
+
+
+@pytest.fixture
+def loopback_pair(loopback_pairs: Callable[[int], List[Tuple[socket.socket, socket.socket]]]
+                  ) -> Tuple[socket.socket, socket.socket]:
+    """A connected (local, peer) pair of TCP sockets on 127.0.0.1, both in
+    this process; closed after the test."""
+    return loopback_pairs(1)[0]
 
 
 @pytest.fixture
