@@ -63,7 +63,7 @@ class Tracked(Protocol):
     def __len__(self) -> int: ...
 
 
-_live: "weakref.WeakSet[Tracked]" = weakref.WeakSet()
+_live: weakref.WeakSet[Tracked] = weakref.WeakSet()
 _live_lock = threading.Lock()
 
 
