@@ -11,8 +11,6 @@
 
 /* Bits of fl_death.flags beyond enum fl_flag. */
 enum fl_monitor_flag {
-    FL_F_BEHIND_BACK = 256,  /* the fd was closed (or reused) behind the
-                                monitor's back: reason unknown, err EBADF */
     FL_F_ARMED = 512         /* keepalive/TCP_USER_TIMEOUT were armed */
 };
 

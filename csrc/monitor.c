@@ -293,11 +293,18 @@ int fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token)
         return -EBADF;
     if ((rc = sock_identity(fd, &cookie, &ino)) < 0)
         return rc;
-    st = fl_tcp_state(fd);
-    if (st < 0)
-        return st;
-    if (st == TCP_LISTEN)
-        return -EOPNOTSUPP;
+    {
+        struct fl_verdict v;
+        int seen = 0;
+
+        st = fl_tcp_state_seen(fd, &seen);
+        if (st < 0)
+            return st;
+        v.flags = 0;
+        fl_verdict_decide(0, st, seen, &v);
+        if (v.status == FL_INVALID)     /* listening, connecting, never connected */
+            return -v.err;
+    }
     pthread_mutex_lock(&m->lock);
     rc = add_locked(m, fd, armed, cookie, ino, token);
     pthread_mutex_unlock(&m->lock);
@@ -406,39 +413,34 @@ int fl_monitor_verify(struct fl_monitor *m)
 }
 
 
-/* Fills *d for an event on a live registration whose identity holds. */
+/* Fills *d for an event on a live registration whose identity holds:
+ * the pending error (EPOLLERR), the state, the event bits, decided by the
+ * one rule (fl_verdict_decide). */
 static void classify(const struct reg *r, uint32_t events, struct fl_death *d)
 {
-    d->status = FL_ALIVE;
-    d->err = 0;
-    d->method = FL_M_EPOLL;
-    d->flags = r->armed ? FL_F_ARMED : 0;
-    if (events & EPOLLERR) {
-        int err = take_so_error(r->fd);
-        if (err) {
-            d->err = err;
-            d->status = fl_status_of_errno(err);
-        } else {
-            d->status = FL_CLOSED;
-        }
-        if (err == ETIMEDOUT && r->armed) {
-            /* Which timer gave up: keepalive counts its probes in
-             * tcpi_probes; the retransmission timer (bounded by
-             * TCP_USER_TIMEOUT) in tcpi_retransmits / tcpi_backoff. */
-            struct fl_tcp_info ti;
-            int len = fl_tcp_info(r->fd, &ti);
-            if (len >= (int)offsetof(struct fl_tcp_info, tcpi_probes) + 1)
-                d->method = ti.tcpi_probes ? FL_M_KEEPALIVE : FL_M_USER_TIMEOUT;
-        }
-    } else if (events & EPOLLHUP) {
-        int st = fl_tcp_state(r->fd);
-        d->status = st == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED;
-    } else if (events & EPOLLRDHUP) {
-        d->status = FL_PEER_CLOSED;
-        d->flags |= FL_F_WRITE_OPEN;
-    } else {
-        d->status = FL_CLOSED;           /* not asked for; be safe */
+    struct fl_verdict v;
+    int err = (events & EPOLLERR) ? take_so_error(r->fd) : 0;
+    int st = fl_tcp_state(r->fd);
+
+    v.flags = r->armed ? FL_F_ARMED : 0;
+    v.method = FL_M_EPOLL;
+    if (st < 0)
+        fl_verdict_decide(-st, -1, 0, &v);
+    else
+        fl_verdict_decide(err, st, (int)(events & 0xffff), &v);
+    if (err == ETIMEDOUT && r->armed) {
+        /* Which timer gave up: keepalive counts its probes in
+         * tcpi_probes; the retransmission timer (bounded by
+         * TCP_USER_TIMEOUT) in tcpi_retransmits / tcpi_backoff. */
+        struct fl_tcp_info ti;
+        int len = fl_tcp_info(r->fd, &ti);
+        if (len >= (int)offsetof(struct fl_tcp_info, tcpi_probes) + 1)
+            v.method = ti.tcpi_probes ? FL_M_KEEPALIVE : FL_M_USER_TIMEOUT;
     }
+    d->status = v.status;
+    d->err = v.err;
+    d->method = v.method;
+    d->flags = v.flags;
 }
 
 
