@@ -91,6 +91,11 @@ uint64_t fl_monitor_token_of(struct fl_monitor *m, int fd);
 int  fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
                      struct fl_death *out, int max);
 int *fl_monitor_ack_cell(struct fl_monitor *m);
+/* fl_monitor_wait(m, 0, out, max) with the out array given once, for the
+ * cheapest possible wait(0) (one argument to convert per call).  out must
+ * live as long as m; pass it before the first fl_monitor_poll. */
+void fl_monitor_set_out(struct fl_monitor *m, struct fl_death *out, int max);
+int  fl_monitor_poll(struct fl_monitor *m);
 /* Gives the deaths of the calling thread's last wait back to the queue
  * (unacknowledged) and ends its turn as the waiter; no-op otherwise. */
 void fl_monitor_abort(struct fl_monitor *m);

@@ -84,6 +84,9 @@ struct fl_monitor {
     int wake_set, timer_on;
     int closing, closed;
     int inwait;            /* a waiter is between its entry and its exit */
+    int fast;              /* callers inside wait(0)'s lock-free look (atomic) */
+    struct fl_death *pyout;   /* fl_monitor_poll's out array (the caller's) */
+    int pymax;
     int busy;              /* the waiter's turn: entry until ack or abort */
     pthread_t owner;
     int handed;            /* deaths at the queue's head handed to it */
@@ -249,12 +252,19 @@ int fl_monitor_close(struct fl_monitor *m)
     }
     pthread_mutex_lock(&m->lock);
     if (!m->closing) {
-        m->closing = 1;
+        __atomic_store_n(&m->closing, 1, __ATOMIC_SEQ_CST);
         m->wake_set = 0;
         wake_locked(m);              /* every sleeping waiter returns */
     }
     while (m->inwait)
         pthread_cond_wait(&m->left, &m->lock);
+    while (__atomic_load_n(&m->fast, __ATOMIC_SEQ_CST)) {
+        /* a wait(0) look is a few microseconds: let it finish */
+        struct timespec ts = { 0, 100000 };
+        pthread_mutex_unlock(&m->lock);
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&m->lock);
+    }
     if (!m->closed) {
         close_fds(m);
         free_tables(m);
@@ -351,6 +361,17 @@ static void take_ack(struct fl_monitor *m)
 int *fl_monitor_ack_cell(struct fl_monitor *m)
 {
     return &m->acked;
+}
+
+void fl_monitor_set_out(struct fl_monitor *m, struct fl_death *out, int max)
+{
+    m->pyout = out;
+    m->pymax = max;
+}
+
+int fl_monitor_poll(struct fl_monitor *m)
+{
+    return fl_monitor_wait(m, 0, m->pyout, m->pymax);
 }
 
 void fl_monitor_abort(struct fl_monitor *m)
@@ -724,6 +745,34 @@ static int take_turn(struct fl_monitor *m)
     return 0;
 }
 
+/* wait(0) with nothing queued, the common case of a poller: one
+ * epoll_wait into a stack array, no mutex.  Returns 0 when there was
+ * nothing; 1 when the caller must take the full path (events were queued
+ * here, or the monitor is closing).  close() waits for m->fast to drain
+ * before it closes the fd (seq_cst on both sides: close stores closing
+ * then reads fast; this increments fast then reads closing). */
+static int look(struct fl_monitor *m)
+{
+    struct epoll_event ev[16];
+    int got, i;
+
+    __atomic_add_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&m->closing, __ATOMIC_SEQ_CST)) {
+        __atomic_sub_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
+        return 1;
+    }
+    got = epoll_wait(m->epfd, ev, 16, 0);
+    if (got > 0) {
+        pthread_mutex_lock(&m->lock);
+        for (i = 0; i < got; i++)
+            if (on_event(m, &ev[i]) < 0)
+                break;                  /* -ENOMEM: the full path says so */
+        pthread_mutex_unlock(&m->lock);
+    }
+    __atomic_sub_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
+    return got != 0;
+}
+
 int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
                     struct fl_death *out, int max)
 {
@@ -733,6 +782,10 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
         return -FL_E_FORKED;
     if (timeout_ms < 0 || max < 1)
         return -EINVAL;
+    if (timeout_ms == 0 && !__atomic_load_n(&m->qlen, __ATOMIC_RELAXED) &&
+        !__atomic_load_n(&m->acked, __ATOMIC_RELAXED) &&
+        !__atomic_load_n(&m->busy, __ATOMIC_RELAXED) && !look(m))
+        return 0;
     pthread_mutex_lock(&m->lock);
     rc = take_turn(m);
     pthread_mutex_unlock(&m->lock);

@@ -146,7 +146,7 @@ class Monitor:
     returns; more are returned by the next calls.
     """
 
-    __slots__ = ("_m", "_max", "_out", "_tok", "_ack", "_reg", "_lock", "_cwait", "_abort",
+    __slots__ = ("_m", "_max", "_out", "_tok", "_ack", "_reg", "_lock", "_cwait", "_cpoll", "_abort",
                  "_handed", "_closed", "_pid", "counters", "__weakref__")
 
     def __init__(self, max_events: int = 256) -> None:
@@ -162,6 +162,8 @@ class Monitor:
         self._reg: Dict[int, Tuple[int, Any, SocketLike]] = {}
         self._lock = threading.Lock()      # _reg against add/remove/verify/close
         self._cwait = lib.fl_monitor_wait
+        self._cpoll = lib.fl_monitor_poll
+        lib.fl_monitor_set_out(self._m, self._out, max_events)
         self._abort = lib.fl_monitor_abort
         self._handed: Optional[List[int]] = None   # tokens of the last deaths returned
         self._pid = os.getpid()
@@ -266,19 +268,19 @@ class Monitor:
         lost.  Returns early (possibly empty) when :meth:`close` is called
         from another thread; raises ValueError once closed, RuntimeError in
         a forked child or while another thread waits."""
-        cls = timeout.__class__
-        ms = 0 if (cls is float or cls is int) and not timeout else timeout_ms(timeout)
-        t0 = _monotonic() if ms else 0.0
-        if self._handed:
-            self._forget()
-        m = self._m
+        m, cls = self._m, timeout.__class__
         try:
-            n = self._cwait(m, ms, self._out, self._max)
-            if n <= 0:
-                if n == 0:
+            if (cls is float or cls is int) and not timeout and self._handed is None:
+                n = self._cpoll(m)          # wait(0): one C call, one argument
+                if not n:
                     return []
-                n = self._again(m, ms, t0, n)
-                if n == 0:
+                if n < 0:
+                    n = self._again(m, 0, 0.0, n)
+                    if not n:
+                        return []
+            else:
+                n = self._wait_slow(m, timeout)
+                if not n:
                     return []
             out, toks = self._deaths(n)
         except BaseException:
@@ -289,6 +291,16 @@ class Monitor:
         self._handed = toks
         self._ack[0] = n
         return out
+
+    def _wait_slow(self, m: Any, timeout: object) -> int:
+        """wait() with a timeout, or after deaths were returned: validate,
+        forget the last deaths' entries, call C, handle -EINTR."""
+        ms = timeout_ms(timeout)
+        t0 = _monotonic() if ms else 0.0
+        if self._handed:
+            self._forget()
+        n = self._cwait(m, ms, self._out, self._max)
+        return n if n >= 0 else self._again(m, ms, t0, n)
 
     def _again(self, m: Any, ms: int, t0: float, rc: int) -> int:
         """The rare returns of the C wait: -EINTR (the signal's handler

@@ -73,8 +73,11 @@ def test_raising_handler_interrupts_at_once(loopback_pair, alarm, which):
     with pytest.raises(Alarm):
         call(3.0)
     done = time.monotonic()
-    assert done - t0 < 0.5, name
-    assert len(ran) == 1 and ran[0] - t0 < 0.1 + 0.02 + 0.05, name   # within 20 ms (+ slack)
+    # The 3 s wait ends at the signal.  (The handler itself runs within
+    # microseconds of the kernel's delivery; the slack below is for a
+    # loaded machine's scheduling, not for fastlive.)
+    assert done - t0 < 1.0, name
+    assert len(ran) == 1 and ran[0] - t0 < 0.1 + 0.4, name
 
 
 def test_rcvtimeo_from_the_socket_is_interruptible(loopback_pair, alarm):
@@ -84,7 +87,7 @@ def test_rcvtimeo_from_the_socket_is_interruptible(loopback_pair, alarm):
     alarm(0.1)
     with pytest.raises(Alarm):
         fastlive.check_rcvtimeo(cli)
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 1.0
 
 
 @pytest.mark.parametrize("which", range(5), ids=["Monitor.wait", "check_poll", "check_select",
@@ -98,7 +101,7 @@ def test_returning_handler_waits_the_time_left(loopback_pair, alarm, which):
     took = time.monotonic() - t0
     signal.setitimer(signal.ITIMER_REAL, 0, 0)
     assert len(ran) >= 3, name                       # the handler ran each time
-    assert 0.58 <= took < 0.6 + 0.25, (name, took)   # the whole timeout, not more
+    assert 0.58 <= took < 0.6 + 0.5, (name, took)    # the whole timeout, not 3 x
     if isinstance(result, fastlive.Verdict):
         assert result.status in (Status.ALIVE, Status.TIMED_OUT)
     elif isinstance(result, list):
