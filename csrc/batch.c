@@ -144,44 +144,37 @@ static void mark_bad(struct fl_batch *b, int i, int err)
     b->err[i] = err;
 }
 
-int fl_batch_set(struct fl_batch *b, const int *fds, int n)
+/* Duplicates: sort (fd, index) and mark every copy after the first. */
+static int mark_duplicates(struct fl_batch *b, const int *fds, int n)
+{
+    uint64_t *keys;
+    int i;
+
+    if (n < 2)
+        return 0;
+    keys = malloc((size_t)n * sizeof *keys);
+    if (!keys)
+        return -ENOMEM;
+    for (i = 0; i < n; i++)
+        keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
+    qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
+    for (i = 1; i < n; i++)
+        if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
+            mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
+    free(keys);
+    return 0;
+}
+
+/* Every entry not already bad: one TCP_INFO read, decided by the rule
+ * (not open, not a socket, not TCP, listening, connecting, never
+ * connected: bad). */
+static void mark_invalid(struct fl_batch *b, const int *fds, int n)
 {
     struct batch_priv *pv = b->priv;
-    uint64_t *keys = NULL;
-    int i, r, nd, ng;
+    struct fl_verdict v;
+    int i, st, seen;
 
-    if (n < 0)
-        return -EINVAL;
-    if ((r = reserve(b, n)) < 0)
-        return r;
-    b->n = n;
-    b->method = -1;
-    if (n > 0)
-        memcpy(b->fds, fds, (size_t)n * sizeof *fds);
-    memset(b->info_len, 0, (size_t)n * sizeof *b->info_len);
     for (i = 0; i < n; i++) {
-        set_alive(b, i);
-        pv->bad[i] = 0;
-    }
-    /* Duplicates: sort (fd, index) and mark every copy after the first. */
-    if (n > 1) {
-        keys = malloc((size_t)n * sizeof *keys);
-        if (!keys) {
-            b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
-            return -ENOMEM;
-        }
-        for (i = 0; i < n; i++)
-            keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
-        qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
-        for (i = 1; i < n; i++)
-            if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
-                mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
-        free(keys);
-    }
-    for (i = 0; i < n; i++) {
-        struct fl_verdict v;
-        int st, seen;
-
         if (pv->bad[i])
             continue;
         if (fds[i] < 0) {
@@ -197,6 +190,31 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
             b->tcp_state[i] = (uint8_t)(st > 0 ? st : 0);
         }
     }
+}
+
+int fl_batch_set(struct fl_batch *b, const int *fds, int n)
+{
+    struct batch_priv *pv = b->priv;
+    int i, r, nd, ng;
+
+    if (n < 0)
+        return -EINVAL;
+    if ((r = reserve(b, n)) < 0)
+        return r;
+    b->n = n;
+    b->method = -1;
+    if (n > 0)
+        memcpy(b->fds, fds, (size_t)n * sizeof *fds);
+    memset(b->info_len, 0, (size_t)n * sizeof *b->info_len);
+    for (i = 0; i < n; i++) {
+        set_alive(b, i);
+        pv->bad[i] = 0;
+    }
+    if (mark_duplicates(b, fds, n) < 0) {
+        b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
+        return -ENOMEM;
+    }
+    mark_invalid(b, fds, n);
     /* Sweeps walk only the good entries, packed; the bad ones keep their
      * build-time verdict and are merged into dead[] in order. */
     for (i = 0, nd = 0, ng = 0; i < n; i++) {

@@ -690,7 +690,9 @@ static int on_event(struct fl_monitor *m, const struct epoll_event *e)
     death_of(m, slot, &d);
     d.events = (int)e->events;
     classify(r, e->events, &d);
-    epoll_ctl(m->epfd, EPOLL_CTL_DEL, r->fd, NULL);
+    /* No EPOLL_CTL_DEL: ONESHOT already disarmed the registration, and the
+     * kernel drops it when the socket closes (a syscall saved per death;
+     * add() of the same socket again finds it and re-arms it with MOD). */
     free_slot(m, slot);
     return queue_push(m, &d);
 }
