@@ -201,7 +201,7 @@ class Monitor:
         self._handed: Optional[List[int]] = None
         self._pid = os.getpid()
         self._closed = False
-        self.counters: _Counters = _Counters(self._m)
+        self.counters: _registry.DeathCounters = _Counters(self._m)
         _registry.track(self)
 
     # -- errors ---------------------------------------------------------------
