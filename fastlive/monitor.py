@@ -279,7 +279,7 @@ class Monitor:
             if key is _NOKEY:
                 toks = [self._token_for(m, sock)]   # type: ignore[arg-type]
             else:
-                toks = [t for t, (_fd, k, _o) in self._reg.items() if k is key or k == key]
+                toks = [t for t, (_fd, k, _o) in list(self._reg.items()) if k is key or k == key]
             done = False
             for tok in toks:
                 if tok and lib.fl_monitor_remove(m, tok) == 0:
