@@ -81,6 +81,7 @@ struct fl_hb_stats {
     uint64_t pings_answered;
     uint64_t misses;            /* PINGs with no answer before the next PING or death */
     uint64_t withheld;          /* PINGs/PONGs not sent: the application made no progress */
+    uint64_t graced;            /* deaths put off: our own PING had gone out late */
     uint64_t frames_received;
     uint64_t bytes_received;
     uint64_t timer_fires;       /* connections whose deadline came due */

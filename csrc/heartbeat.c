@@ -693,6 +693,31 @@ static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silenc
     return next;
 }
 
+/* Whether a silent dedicated connection had a fair chance: a PING of ours
+ * unanswered for a whole interval.  When this thread itself ran late (the
+ * machine did not schedule it), the PING that should have gone out earlier
+ * is sent now, and the peer gets an interval to answer it: a late engine
+ * never blames the peer for its own lateness.  (Shared connections cannot
+ * see PONGs and may skip PINGs; they are judged on silence alone.)
+ * Returns 1 to judge now, 0 when rescheduled (or dead sending). */
+static int fair_chance(struct fl_hb *hb, int32_t i, int64_t now, int64_t silence)
+{
+    struct conn *c = &hb->c[i];
+
+    if ((c->flags & FL_HB_SHARED)
+        || (c->ping_sent_us && now - c->ping_sent_us >= c->interval_us))
+        return 1;
+    if (!c->ping_sent_us) {
+        if (ping_now(hb, i, now, silence) < 0)
+            return 0;                       /* died sending it */
+        if (!c->ping_sent_us)
+            return 1;                       /* send queue full: not reading us */
+    }
+    hb->st.graced++;
+    wheel_schedule(hb, i, c->ping_sent_us + c->interval_us);
+    return 0;
+}
+
 /* Connection i's deadline came due: heard recently -> reschedule; silent
  * for an interval -> PING; silent for misses intervals -> dead. */
 static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
@@ -715,6 +740,8 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
         return;
     }
     if (silence >= c->interval_us * c->misses) {
+        if (!fair_chance(hb, i, now, silence))
+            return;
         conn_die(hb, i, FL_TIMED_OUT, ETIMEDOUT, FL_M_HEARTBEAT, silence);
         return;
     }

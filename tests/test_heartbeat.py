@@ -277,6 +277,7 @@ def test_both_sides_pinging_only_one_pings(listener: socket.socket) -> None:
 
     t = threading.Thread(target=serve, daemon=True)
     with cli, srv:
+        t0 = time.monotonic()
         a.add(cli, 0.1, 3)
         b.add(srv, 0.1, 3)
         t.start()
@@ -285,8 +286,10 @@ def test_both_sides_pinging_only_one_pings(listener: socket.socket) -> None:
         finally:
             stop.set()
             t.join(5)
+        # the engines run in their own threads: count over the whole window
         total = a.stats().pings_sent + b.stats().pings_sent
-        assert 5 <= total <= 12, (a.stats(), b.stats())
+        rounds = (time.monotonic() - t0) / 0.1
+        assert 5 <= total <= rounds + 2, (rounds, a.stats(), b.stats())
     a.close()
     b.close()
 

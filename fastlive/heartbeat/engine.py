@@ -51,6 +51,7 @@ class EngineStats:
     pings_answered: int      #: the peer's PINGs this end answered
     misses: int              #: PINGs with no answer before the next PING or the death
     withheld: int            #: PINGs/PONGs not sent because the application made no progress
+    graced: int              #: deaths put off because this engine's own PING went out late
     frames_received: int
     bytes_received: int
     timer_fires: int         #: deadlines served
@@ -124,6 +125,7 @@ class HeartbeatEngine:
         # deaths taken from C but not yet handed to a caller (a signal
         # handler raised in between): the next wait() returns them first
         self._carry: List[HeartbeatDeath] = []
+        self._forgetting: List[Tuple[int, HeartbeatDeath]] = []
         self.rtt: Deque[RttSample] = deque(maxlen=rtt_samples)
         #: deaths by (status, method) and detection times, for the exporters
         self.counters = _registry.DeathCounters()
@@ -310,10 +312,14 @@ class HeartbeatEngine:
                 # caller has them: a signal handler raising after the commit
                 # (CPython runs handlers only between bytecodes that check
                 # for them, e.g. right after a call) cannot lose them.
+                self._forgetting = list(zip(toks, deaths))
                 self._carry = deaths
                 self._rc(lib.fl_hb_commit(hb, k))
-                for tok, d in zip(toks, deaths):
-                    self._forget(tok, d)
+            # idempotent, so a raise half-way is finished by the next call
+            pend = self._forgetting
+            while pend:
+                self._forget(*pend[-1])
+                pend.pop()
         # no handler can run between these two stores: a death is handed out once
         out = self._carry
         self._carry = []
@@ -335,7 +341,9 @@ class HeartbeatEngine:
 
     def _forget(self, tok: int, d: HeartbeatDeath) -> None:
         # under _lock, once the death is committed: the registration is gone
-        if self._reg.pop(tok, None) is not None and self._by_fd.get(d.fd) == tok:
+        if self._reg.pop(tok, None) is None:
+            return
+        if self._by_fd.get(d.fd) == tok:
             del self._by_fd[d.fd]
         self.counters.record(int(d.verdict.status), int(d.verdict.method), d.silent)
 
@@ -355,7 +363,7 @@ class HeartbeatEngine:
         buckets = tuple((b, int(st.rtt_hist[i])) for i, b in enumerate(_RTT_BOUNDS))
         return EngineStats(
             st.conns, st.queued, st.pings_sent, st.pings_skipped, st.pongs_received,
-            st.pings_answered, st.misses, st.withheld, st.frames_received, st.bytes_received,
+            st.pings_answered, st.misses, st.withheld, st.graced, st.frames_received, st.bytes_received,
             st.timer_fires, st.wakeups, st.coalesced, st.deaths, st.rtt_dropped,
             buckets, st.rtt_sum_us / 1e6, st.late_max_us / 1e6,
             (st.late_sum_us / st.late_count / 1e6) if st.late_count else 0.0,
