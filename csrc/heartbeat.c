@@ -84,6 +84,7 @@ struct conn {
     int64_t deadline_us;
     int64_t deadline_tick;
     int64_t ping_sent_us;       /* 0: no PING outstanding */
+    int64_t first_ping_us;      /* first PING since the last byte heard, or 0 */
     int64_t ping_due_us;        /* when that PING was due */
     uint64_t rx_bytes;          /* shared: tcpi_bytes_received at the last look */
     uint16_t seq, ping_seq;
@@ -526,6 +527,7 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
         if (n > 0) {
             int r;
             c->last_heard_us = now;
+            c->first_ping_us = 0;
             hb->st.bytes_received += (uint64_t)n;
             r = feed(hb, i, buf, (size_t)n, now);
             if (r < 0) {
@@ -676,6 +678,8 @@ static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silenc
         c->ping_seq = c->seq;
         c->ping_sent_us = now;
         c->ping_due_us = due;
+        if (!c->first_ping_us)
+            c->first_ping_us = now;
         hb->st.pings_sent++;
     } else {
         hb->st.pings_skipped++;
@@ -694,7 +698,7 @@ static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silenc
 }
 
 /* Whether a silent dedicated connection had a fair chance: a PING of ours
- * unanswered for a whole interval.  When this thread itself ran late (the
+ * sent since the last byte heard, unanswered for a whole interval.  When this thread itself ran late (the
  * machine did not schedule it), the PING that should have gone out earlier
  * is sent now, and the peer gets an interval to answer it: a late engine
  * never blames the peer for its own lateness.  (Shared connections cannot
@@ -705,16 +709,16 @@ static int fair_chance(struct fl_hb *hb, int32_t i, int64_t now, int64_t silence
     struct conn *c = &hb->c[i];
 
     if ((c->flags & FL_HB_SHARED)
-        || (c->ping_sent_us && now - c->ping_sent_us >= c->interval_us))
+        || (c->first_ping_us && now - c->first_ping_us >= c->interval_us))
         return 1;
-    if (!c->ping_sent_us) {
+    if (!c->first_ping_us) {
         if (ping_now(hb, i, now, silence) < 0)
             return 0;                       /* died sending it */
-        if (!c->ping_sent_us)
+        if (!c->first_ping_us)
             return 1;                       /* send queue full: not reading us */
     }
     hb->st.graced++;
-    wheel_schedule(hb, i, c->ping_sent_us + c->interval_us);
+    wheel_schedule(hb, i, c->first_ping_us + c->interval_us);
     return 0;
 }
 
@@ -735,7 +739,7 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
          * silence is then our doing.  Both clocks restart. */
         hb->st.withheld++;
         c->last_heard_us = c->quiet_since_us = now;
-        c->ping_sent_us = 0;
+        c->ping_sent_us = c->first_ping_us = 0;
         wheel_schedule(hb, i, now + c->interval_us);
         return;
     }
@@ -1238,7 +1242,7 @@ static void init_conn(struct fl_hb *hb, int32_t i, int fd, int interval_ms, int 
     c->slot = -1;
     c->interval_us = (int64_t)interval_ms * 1000;
     c->last_heard_us = c->quiet_since_us = now;
-    c->ping_sent_us = c->ping_due_us = 0;
+    c->ping_sent_us = c->ping_due_us = c->first_ping_us = 0;
     c->seq = c->ping_seq = 0;
     c->rxlen = c->txlen = 0;
     c->collided = 0;
