@@ -402,6 +402,29 @@ def test_bad_frames_kill_only_their_connection(engine: HeartbeatEngine,
         assert run_until(engine, 0.5) == []
         for name in ("ok1", "ok2"):
             assert pairs[name][0] in engine
+        # and the engine went quiet on the bad ones: after their death it
+        # neither wrote (no PING in 0.5 s at a 0.1 s interval) nor read
+        for name in bad:
+            cli, srv = pairs[name]
+            assert cli not in engine
+            if name == "truncated":
+                continue                            # srv is closed
+            srv.setblocking(False)
+            try:
+                got = srv.recv(64)
+            except BlockingIOError:
+                got = b""
+            assert not any(got[k:k + 2] == b"\xfb\x11" for k in range(len(got))), (name, got)
+            pairs[name][1].send(hb.ping(3))         # and nothing answers it
+        time.sleep(0.2)
+        for name in bad:
+            if name == "truncated":
+                continue
+            try:
+                got = pairs[name][1].recv(64)
+            except BlockingIOError:
+                got = b""
+            assert got == b"", (name, got)
     finally:
         peer.close()
         for cli, srv in pairs.values():
