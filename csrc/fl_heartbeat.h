@@ -109,7 +109,7 @@ struct fl_hb;
  * once) until fl_hb_peek/fl_hb_commit take them; fl_hb_fileno is an
  * eventfd, readable while deaths are queued and after fl_hb_close.  Every
  * call is thread-safe (one mutex, which the engine thread drops while it
- * sleeps).  In a forked child every call returns -ECHILD and touches
+ * sleeps).  In a forked child every call returns -FL_E_FORKED and touches
  * nothing (the engine thread exists only in the parent).
  */
 

@@ -286,10 +286,11 @@ def test_both_sides_pinging_only_one_pings(listener: socket.socket) -> None:
         finally:
             stop.set()
             t.join(5)
-        # the engines run in their own threads: count over the whole window
+        # the engines run in their own threads: count over the whole window;
+        # two PINGs per round (no settling) would be 2 x rounds
         total = a.stats().pings_sent + b.stats().pings_sent
         rounds = (time.monotonic() - t0) / 0.1
-        assert 5 <= total <= rounds + 2, (rounds, a.stats(), b.stats())
+        assert 5 <= total <= rounds + 4, (rounds, a.stats(), b.stats())
     a.close()
     b.close()
 

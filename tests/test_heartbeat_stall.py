@@ -96,7 +96,8 @@ def test_local_stall_kills_nobody(engine: HeartbeatEngine, listener: socket.sock
         sent = during.pings_sent - before.pings_sent
         answered = during.pings_answered - before.pings_answered
         assert sent + answered >= 20 * (STALL / INTERVAL) * 0.5, (before, during)
-        assert during.frames_received - before.frames_received >= sent + answered
+        # everything sent was answered, but for one PONG per connection in flight
+        assert during.frames_received - before.frames_received >= sent + answered - 20
         assert during.deaths == 0
 
 
@@ -558,7 +559,9 @@ def test_stats_misses_and_rtt(engine: HeartbeatEngine, loopback_pairs) -> None:
         time.sleep(0.2)
         engine.wait(0)
         st = engine.stats()
-        assert st.misses == st.pings_sent - st.pongs_received >= 2, st   # b's PINGs
+        # b's PINGs are all misses; a's last PING may still be on its way
+        unanswered = st.pings_sent - st.pongs_received
+        assert 2 <= st.misses and unanswered - 1 <= st.misses <= unanswered, st
         assert st.pongs_received >= 3 and st.rtt_count == st.pongs_received
         assert 0 < st.rtt_sum < st.pongs_received * 0.05
         assert st.rtt_buckets[-1][0] == float("inf")

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import _registry
-from .._lib import SocketLike, check_rc, count, fd_of, ffi, lib, timeout_ms, to_units
+from .._lib import (FORKED_RC, SocketLike, check_rc, count, fd_of, ffi, forked_error, lib,
+                   timeout_ms, to_units)
 from ..verdict import Verdict
 
 __all__ = ["HeartbeatDeath", "RttSample", "EngineStats", "HeartbeatEngine"]
@@ -136,10 +137,8 @@ class HeartbeatEngine:
     def _live(self) -> Any:
         hb = self._hb
         if os.getpid() != self._pid:
-            raise RuntimeError(
-                f"this HeartbeatEngine belongs to process {self._pid}; it cannot be used in "
-                f"a forked child (pid {os.getpid()}): its thread runs only in the parent. "
-                "Create a new engine in the child.")
+            # the engine thread runs only in the parent; nothing is touched
+            raise forked_error("this HeartbeatEngine", self._pid)
         if hb is None:
             raise ValueError("the engine is closed")
         return hb
@@ -147,8 +146,8 @@ class HeartbeatEngine:
     def _rc(self, rc: int) -> int:
         if rc == -_errno.ESHUTDOWN:
             raise ValueError("the engine is closed")
-        if rc == -_errno.ECHILD:
-            self._live()
+        if rc == FORKED_RC:
+            raise forked_error("this HeartbeatEngine", self._pid)
         return check_rc(rc)
 
     def close(self) -> None:
