@@ -568,3 +568,46 @@ def test_stats_misses_and_rtt(engine: HeartbeatEngine, loopback_pairs) -> None:
         assert len(engine.rtt) >= 3 and all(r.sock is a for r in engine.rtt)
     finally:
         peer.close()
+
+
+# ---- the one rule (issue 10 item 6) for the engine's deaths ---------------------------
+
+def test_verdicts_come_from_the_one_rule(engine: HeartbeatEngine, loopback_pairs) -> None:
+    """Our own shutdown() is not blamed on the peer (CLOSED + LOCAL_SHUTDOWN),
+    the peer's FIN is PEER_CLOSED, its RST is RESET, a never-connected socket
+    is refused, and a socket closed behind the engine's back is INVALID/EBADF
+    with BEHIND_BACK - each as fastlive.verdict.decide says."""
+    from fastlive import Flag
+    (own, own_srv), (fin, fin_srv), (rst, rst_srv), (gone, gone_srv), (new, new_srv) = \
+        loopback_pairs(5)
+    for s in (own, fin, rst, gone):
+        engine.add(s, 5.0, 3)
+    own.shutdown(socket.SHUT_RDWR)
+    fin_srv.shutdown(socket.SHUT_WR)
+    rst_close(rst_srv)
+    number = gone.fileno()
+    keep = os.dup(number)
+    os.close(gone.detach())
+    os.dup2(new.fileno(), number)        # a live connection takes the number
+    new.close()
+    new = socket.socket(fileno=number)
+    other = socket.socket()              # never connected
+    try:
+        deaths = {id(d.sock): d for d in collect(engine, 3, 2.0)}
+        assert deaths[id(own)].verdict.status is Status.CLOSED
+        assert Flag.LOCAL_SHUTDOWN in deaths[id(own)].verdict.flags
+        assert deaths[id(fin)].verdict.status is Status.PEER_CLOSED
+        assert deaths[id(rst)].verdict.status is Status.RESET
+        with pytest.raises(OSError) as info:
+            engine.add(other, 5.0, 3)
+        assert info.value.errno == errno.ENOTCONN
+        engine.add(new, 5.0, 3)              # finds the number reused
+        (d,) = engine.wait(0.5)
+        assert d.sock is gone
+        assert d.verdict.status is Status.INVALID and d.verdict.errno == errno.EBADF
+        assert Flag.BEHIND_BACK in d.verdict.flags
+        assert new in engine
+    finally:
+        os.close(keep)
+        other.close()
+        new.close()
