@@ -22,3 +22,20 @@ def test_mypy_strict(tmp_path):
          "-p", "fastlive"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_native_stub_matches_the_build():
+    # fastlive/_native.pyi is generated from the compiled module; a function
+    # or constant added to a csrc/fl_*.h header needs the stub regenerated.
+    import importlib.util
+    import fastlive._native as native
+    spec = importlib.util.spec_from_file_location("gen_native_stub", ROOT / "scripts" / "gen_native_stub.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    stub = (ROOT / "fastlive" / "_native.pyi").read_text()
+    assert stub == gen.render(), ("fastlive/_native.pyi is stale: run "
+                                  "'python3 build_ffi.py && python3 scripts/gen_native_stub.py'")
+    public = {n for n in vars(native) if not n.startswith("_")}
+    assert {"ffi", "lib"} <= public
+    for name in dir(native.lib):
+        assert f" {name}" in stub, name
