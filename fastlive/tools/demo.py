@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
 from .. import heartbeat
 from ..testing import NetnsPair, PeerProcess, netns_unavailable
@@ -239,14 +239,16 @@ def _cells_for(failure: str) -> List[Cell]:
 
 
 def _inject(failure: str, peer: PeerProcess, cells: List[Cell],
-            pair: Optional[NetnsPair]) -> None:
+            pair: Optional[NetnsPair], after: Callable[[], None]) -> None:
     """Fail the peer.  Each cell's clock starts just before its connection
-    is hit (so a time includes the command that hit it)."""
+    is hit (so a time includes the command that hit it); ``after`` runs as
+    soon as a connection has been hit."""
     if failure in ("fin", "rst"):
         for c in cells:
             c.t0 = time.monotonic()
             (peer.close_socket if failure == "fin" else peer.reset)(c.conn)
             c.faulted = True
+            after()
         return
     now = time.monotonic()
     for c in cells:
@@ -263,6 +265,7 @@ def _inject(failure: str, peer: PeerProcess, cells: List[Cell],
         pair.blackhole()
     for c in cells:
         c.faulted = True
+    after()
 
 
 def run_matrix(window: float = 10.0, *, netns: bool = True,
@@ -323,13 +326,15 @@ def run_matrix(window: float = 10.0, *, netns: bool = True,
         # cell's time does not include the injection of later columns (ip
         # and nft commands take a while).
         stop = threading.Event()
+        poke = threading.Event()            # a fault just hit: look now
         errors: List[BaseException] = []
 
         def ticker() -> None:
             try:
                 while not stop.is_set():
                     watch.tick()
-                    stop.wait(TICK)
+                    poke.wait(TICK)
+                    poke.clear()
             except BaseException as exc:  # re-raised in the caller below
                 errors.append(exc)
 
@@ -345,7 +350,7 @@ def run_matrix(window: float = 10.0, *, netns: bool = True,
                 t.start()
             say(f"injecting faults; watching for {window:g} s ...")
             for failure, peer, fc, pair in groups:
-                _inject(failure, peer, fc, pair)
+                _inject(failure, peer, fc, pair, poke.set)
             start = time.monotonic()
             while not errors and time.monotonic() - start < window:
                 time.sleep(min(2.0, max(0.0, start + window - time.monotonic())))
@@ -355,6 +360,7 @@ def run_matrix(window: float = 10.0, *, netns: bool = True,
                 t.join(max(0.0, end - time.monotonic()))
         finally:
             stop.set()
+            poke.set()
             tick_thread.join(10)
         if errors:
             raise errors[0]
