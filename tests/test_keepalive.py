@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -19,13 +18,8 @@ from fastlive.keepalive import read_sysctl_defaults
 
 
 @pytest.fixture
-def sock():
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        cli = socket.create_connection(lst.getsockname(), timeout=5)
-        srv, _ = lst.accept()
-    yield cli
-    cli.close()
-    srv.close()
+def sock(loopback_pair):
+    return loopback_pair[0]
 
 
 def test_kernel_defaults_give_7875_seconds():

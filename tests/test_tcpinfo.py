@@ -18,17 +18,14 @@ from fastlive.tcpinfo import FIELD_NAMES, FIELDS, TCP_INFO_SIZE
 
 
 @pytest.fixture
-def busy_pair():
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        cli = socket.create_connection(lst.getsockname(), timeout=5)
-        srv, _ = lst.accept()
+def busy_pair(loopback_pair):
+    """A loopback pair that has moved 20 kB, then gone quiet."""
+    cli, srv = loopback_pair
     for _ in range(20):
         cli.sendall(b"x" * 1000)
         srv.recv(65536)
     time.sleep(0.05)
-    yield cli, srv
-    cli.close()
-    srv.close()
+    return cli, srv
 
 
 def test_eleven_states_named_as_the_kernel_names_them():
