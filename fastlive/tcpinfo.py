@@ -228,13 +228,13 @@ class TcpInfo:
         that is not a field)."""
         return self.length >= _END[name]
 
-    def items(self) -> Iterator[Tuple[str, Optional[Union[TcpState, int]]]]:
+    def items(self) -> Iterator[Tuple[str, Optional[int]]]:
         """``(name, value)`` for every field in the struct's order, None for
         a field the kernel did not return (``state`` as a TcpState)."""
         for name in FIELD_NAMES:
             yield name, getattr(self, name)
 
-    def as_dict(self) -> Dict[str, Optional[Union[TcpState, int]]]:
+    def as_dict(self) -> Dict[str, Optional[int]]:
         """Every field as a dict (struct order), None for a field the
         kernel did not return."""
         return dict(self.items())
