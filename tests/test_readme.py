@@ -68,8 +68,12 @@ def test_blocks_type_check_strict(tmp_path_factory):
         f = d / f"block_{ident.replace('-', '_')}.py"
         f.write_text(code)
         files.append(str(f))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MYPYPATH")}
+    if pathlib.Path(PKG_PARENT).name in ("site-packages", "dist-packages"):
+        cwd = str(d)          # an installed fastlive: mypy finds it (py.typed)
+    else:
+        cwd = env["MYPYPATH"] = PKG_PARENT    # a source tree: check that one
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *files],
-        cwd=PKG_PARENT, env={**_env(), "MYPYPATH": PKG_PARENT},
-        capture_output=True, text=True, timeout=600)
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
