@@ -39,3 +39,51 @@ def test_native_stub_matches_the_build():
     assert {"ffi", "lib"} <= public
     for name in dir(native.lib):
         assert f" {name}" in stub, name
+
+
+#: Public names still without a docstring, in files other branches own
+#: (issue 11 section 3).  A ratchet: the test fails when one of these gains a
+#: docstring (remove it here) and when anything else lacks one.
+KNOWN_UNDOCUMENTED = {
+    "fastlive/_lib.py:HasFileno", "fastlive/_lib.py:HasFileno.fileno",
+    "fastlive/_registry.py:Tracked.closed", "fastlive/_version.py:<module>",
+    "fastlive/batch.py:Batch.closed", "fastlive/heartbeat/engine.py:RttSample",
+    "fastlive/heartbeat/engine.py:EngineStats", "fastlive/heartbeat/engine.py:HeartbeatEngine.stats",
+    "fastlive/heartbeat/peer.py:PyHeartbeatPeer.add", "fastlive/heartbeat/peer.py:PyHeartbeatPeer.remove",
+    "fastlive/heartbeat/peer.py:PyHeartbeatPeer.stop", "fastlive/heartbeat/peer.py:PyHeartbeatPeer.close",
+    "fastlive/heartbeat/wire.py:FrameType", "fastlive/heartbeat/wire.py:Frame",
+    "fastlive/heartbeat/wire.py:ping", "fastlive/monitor.py:Monitor.closed",
+    "fastlive/rw.py:SendResult", "fastlive/testing/netns.py:netns_available",
+    "fastlive/testing/peer.py:PeerProcess.running", "fastlive/testing/peer.py:PeerProcess.returncode",
+    "fastlive/testing/peer.py:ManyPeers.close", "fastlive/verdict.py:Flag",
+    "fastlive/verdict.py:Verdict.invalid", "fastlive/verdict.py:Verdict.suspect",
+    "fastlive/verdict.py:new_c_verdict",
+}
+
+
+def _undocumented():
+    import ast
+    out = set()
+    for f in sorted((ROOT / "fastlive").rglob("*.py")):
+        rel = f.relative_to(ROOT).as_posix()
+        tree = ast.parse(f.read_text())
+        if not ast.get_docstring(tree):
+            out.add(f"{rel}:<module>")
+
+        def walk(node, prefix=""):
+            for n in node.body:
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    if n.name.startswith("_"):
+                        continue
+                    if not ast.get_docstring(n):
+                        out.add(f"{rel}:{prefix}{n.name}")
+                    if isinstance(n, ast.ClassDef):
+                        walk(n, f"{prefix}{n.name}.")
+        walk(tree)
+    return out
+
+
+def test_public_api_has_docstrings():
+    missing = _undocumented()
+    assert missing - KNOWN_UNDOCUMENTED == set(), "document these"
+    assert KNOWN_UNDOCUMENTED - missing == set(), "documented now: remove from KNOWN_UNDOCUMENTED"
