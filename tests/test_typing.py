@@ -61,6 +61,18 @@ KNOWN_UNDOCUMENTED = {
 }
 
 
+def _walk(node, rel, prefix, out):
+    import ast
+    for n in node.body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if n.name.startswith("_"):
+                continue
+            if not ast.get_docstring(n):
+                out.add(f"{rel}:{prefix}{n.name}")
+            if isinstance(n, ast.ClassDef):
+                _walk(n, rel, f"{prefix}{n.name}.", out)
+
+
 def _undocumented():
     import ast
     out = set()
@@ -69,17 +81,7 @@ def _undocumented():
         tree = ast.parse(f.read_text())
         if not ast.get_docstring(tree):
             out.add(f"{rel}:<module>")
-
-        def walk(node, prefix=""):
-            for n in node.body:
-                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    if n.name.startswith("_"):
-                        continue
-                    if not ast.get_docstring(n):
-                        out.add(f"{rel}:{prefix}{n.name}")
-                    if isinstance(n, ast.ClassDef):
-                        walk(n, f"{prefix}{n.name}.")
-        walk(tree)
+        _walk(tree, rel, "", out)
     return out
 
 
