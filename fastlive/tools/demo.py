@@ -183,7 +183,10 @@ class _Watch:
     def tick(self) -> None:
         """One look by every method at every faulted cell, then the busy
         cells' data for the cells whose fault was complete when it began."""
-        ready = [c for c in self.cells if c.faulted and c.busy and not c.busy_sent]
+        ready = [c for c in self.cells if c.faulted and c.busy and not c.busy_sent
+                 # SO_RCVTIMEO looks from its own thread, in a blocking wait
+                 # that ends with its verdict
+                 and (c.method != "rcvtimeo" or c.detected)]
         for c in self.cells:
             if c.detected or c.sock is None or not c.t0:
                 continue
