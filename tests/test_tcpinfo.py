@@ -222,3 +222,10 @@ def test_fields_are_read_only_and_from_bytes_wants_bytes():
         TcpInfo.from_bytes("abc")
     assert TcpInfo.from_bytes(bytearray(b"\x08")).state is TcpState.CLOSE_WAIT
     assert TcpInfo.from_bytes(memoryview(bytes(TCP_INFO_SIZE + 8))).length == TCP_INFO_SIZE
+
+
+def test_a_declared_field_the_struct_lacks_fails_at_class_creation():
+    from fastlive.tcpinfo import _f
+    with pytest.raises((TypeError, RuntimeError), match="not_a_field|__set_name__"):
+        class Drifted:      # noqa: F841 - what a stale declaration would do at import
+            not_a_field = _f("gone from the C struct")
