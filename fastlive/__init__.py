@@ -38,6 +38,9 @@ from .monitor import Death, Monitor
 from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample
 from .article import Noticed, run_client, run_server, stop_matrix
 
+# The machine's TCP sockets: one sock_diag dump, and the death log.
+from .census import Census, CensusEntry, Follow, census, census_follow
+
 _CHECKS: Dict[Method, Callable[[SocketLike], Verdict]] = {
     Method.PEEK: check_peek,
     Method.SO_ERROR: check_so_error,
@@ -70,4 +73,5 @@ __all__ = [
     "Batch", "Dead", "TcpInfoRecords", "Monitor", "Death",
     "HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample",
     "run_client", "run_server", "stop_matrix", "Noticed",
+    "census", "census_follow", "Census", "CensusEntry", "Follow",
 ]
