@@ -34,9 +34,8 @@ from .verdict import Flag, Method, Status, Verdict
 from .batch import Batch, Dead, TcpInfoRecords
 from .monitor import Death, Monitor
 
-# Method 6, the heartbeat engine; and the article's programs, ported.
+# Method 6, the heartbeat engine.
 from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample
-from .article import Noticed, run_client, run_server, stop_matrix
 
 # The machine's TCP sockets: one sock_diag dump, and the death log.
 from .census import Census, CensusEntry, Follow, census, census_follow
@@ -72,6 +71,5 @@ __all__ = [
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
     "Batch", "Dead", "TcpInfoRecords", "Monitor", "Death",
     "HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample",
-    "run_client", "run_server", "stop_matrix", "Noticed",
     "census", "census_follow", "Census", "CensusEntry", "Follow",
 ]
