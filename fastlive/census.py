@@ -35,7 +35,7 @@ import time
 from typing import (Any, Dict, Iterable, Iterator, List, Optional, Sequence,
                     Tuple, Union, overload)
 
-from ._lib import check_rc, ffi, lib
+from ._lib import check_rc, count, ffi, lib, seconds, timeout_ms
 from .tcpinfo import TcpInfo
 from .tcpstate import TcpState
 
@@ -113,11 +113,7 @@ def _families(family: Optional[int]) -> int:
 def _port(port: Optional[int]) -> int:
     if port is None:
         return -1
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"port must be an int, not {type(port).__name__}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in 0..65535, got {port!r}")
-    return port
+    return count("port", port, 0, 65535)
 
 
 class CensusEntry:
@@ -386,15 +382,8 @@ class Follow(Iterator[CensusEntry]):
     def __init__(self, family: Optional[int] = None, timeout: Optional[float] = None,
                  rcvbuf: int = 4 << 20) -> None:
         fams = _families(family)
-        if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-                raise TypeError(f"timeout must be seconds (float) or None, not {type(timeout).__name__}")
-            if timeout != timeout or timeout < 0:
-                raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-        if isinstance(rcvbuf, bool) or not isinstance(rcvbuf, int):
-            raise TypeError(f"rcvbuf must be an int, not {type(rcvbuf).__name__}")
-        if not 0 <= rcvbuf <= 0x7FFFFFFF:
-            raise ValueError(f"rcvbuf must be in 0..2**31-1 bytes, got {rcvbuf!r}")
+        limit = None if timeout is None else seconds("timeout", timeout)
+        count("rcvbuf", rcvbuf, 0, 0x7FFFFFFF)
         self._lock = threading.Lock()
         self._busy = False          # a thread is inside fl_census_follow_wait
         self._closing = False       # close() asked while busy: the waiter closes
@@ -403,7 +392,7 @@ class Follow(Iterator[CensusEntry]):
         c = _new_c()
         check_rc(lib.fl_census_follow_open(c, fams, rcvbuf))
         self._c: Any = c
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = None if limit is None else time.monotonic() + limit
 
     @property
     def lost(self) -> int:
@@ -414,11 +403,7 @@ class Follow(Iterator[CensusEntry]):
     def poll(self, timeout: float = 0.0) -> List[CensusEntry]:
         """Waits up to ``timeout`` seconds for deaths and returns what
         arrived ([] on timeout, after :meth:`stop` or once closed)."""
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"timeout must be seconds (float), not {type(timeout).__name__}")
-        if timeout != timeout or timeout < 0:
-            raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-        ms = min(int(timeout * 1000 + 0.999999), 0x7FFFFFFF)
+        ms = timeout_ms(timeout)
         with self._lock:
             c = self._c
             if c is None or self._busy:
