@@ -541,3 +541,29 @@ def test_non_root_sees_other_users_sockets_with_tcp_info(server) -> None:  # typ
     rows = json.loads(out.stdout)
     assert len(rows) == 5
     assert all(uid == 0 and has_info for uid, has_info, _st in rows)
+
+
+def test_signals_during_dumps_are_retried_not_errors(server) -> None:  # type: ignore[no-untyped-def]
+    """A signal handler installed without SA_RESTART (Python's default)
+    makes recvmsg/poll fail with EINTR mid-dump: the C loop retries."""
+    import signal
+    lst = server.listen()
+    server.pairs(lst, 50)
+    port = lst.getsockname()[1]
+    hits = [0]
+
+    def on_alarm(_sig: int, _frame: object) -> None:
+        hits[0] += 1
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, 0.0005, 0.0005)
+    try:
+        sizes = {len(fastlive.census(port=port)) for _ in range(200)}
+        with fastlive.census_follow() as f:
+            for _ in range(5):
+                f.poll(0.02)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert sizes == {101}
+    assert hits[0] > 10
