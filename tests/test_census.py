@@ -567,3 +567,15 @@ def test_signals_during_dumps_are_retried_not_errors(server) -> None:  # type: i
         signal.signal(signal.SIGALRM, old)
     assert sizes == {101}
     assert hits[0] > 10
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which("gcc"), reason="the plain-C baseline needs gcc")
+def test_bench_census_quick() -> None:
+    """The benchmark runs (speed is not asserted: it prints ratios)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastlive.__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_census.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "N = 500 connections" in out.stdout
+    assert "| 500 |" in out.stdout and "plain C" in out.stdout
