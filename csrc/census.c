@@ -94,6 +94,7 @@ int fl_census_new(struct fl_census **out)
         return -ENOMEM;
     }
     p->bufcap = BUF_START;
+    c->bufsize = BUF_START;
     p->dumpfd = p->followfd = p->stopfd = -1;
     p->seq = (uint32_t)mono_us() | 1u;
     c->priv = p;
@@ -376,13 +377,14 @@ static ssize_t recv_one(int fd, struct census_priv *p, int flags, int *trunc)
     if (n < 0)
         return -errno;
     *trunc = (msg.msg_flags & MSG_TRUNC) != 0;
-    if (msg.msg_namelen >= sizeof(sa.nl_family) && sa.nl_pid != 0)
+    if (msg.msg_namelen >= sizeof sa && sa.nl_pid != 0)
         return -ENOMSG;                 /* not from the kernel: ignore it */
     return n;
 }
 
-static int grow_buffer(struct census_priv *p)
+static int grow_buffer(struct fl_census *c)
 {
+    struct census_priv *p = c->priv;
     unsigned char *b;
 
     if (p->bufcap >= BUF_MAX)
@@ -393,6 +395,24 @@ static int grow_buffer(struct census_priv *p)
     free(p->buf);
     p->buf = b;
     p->bufcap *= 2;
+    c->bufsize = (int)p->bufcap;
+    return 0;
+}
+
+int fl_census_set_buffer(struct fl_census *c, int size)
+{
+    struct census_priv *p = c->priv;
+    unsigned char *b;
+
+    if (size < 256 || size > BUF_MAX)
+        return -EINVAL;
+    b = malloc((size_t)size);
+    if (!b)
+        return -ENOMEM;
+    free(p->buf);
+    p->buf = b;
+    p->bufcap = (size_t)size;
+    c->bufsize = size;
     return 0;
 }
 
@@ -422,7 +442,7 @@ static int dump_family(struct fl_census *c, int family, uint32_t states,
         c->bytes += (uint64_t)n;
         if (trunc) {                    /* never with a 64 KiB buffer; still */
             drop_dump_socket(p);
-            rc = grow_buffer(p);
+            rc = grow_buffer(c);
             return rc < 0 ? rc : -EMSGSIZE;
         }
         if (n == 0) {
@@ -476,7 +496,7 @@ int fl_census_dump(struct fl_census *c, int families, uint32_t states, int port,
             if (rc == 0 && (families & 2))
                 rc = dump_family(c, AF_INET6, states, bc, bclen, want_info);
         }
-        if (rc == -EMSGSIZE && grown++ < 8)
+        if (rc == -EMSGSIZE && grown++ < 16)
             continue;                   /* buffer grown: read it all again */
         if (rc < 0) {
             c->n = 0;
@@ -670,7 +690,7 @@ int fl_census_follow_wait(struct fl_census *c, int timeout_ms)
         c->bytes += (uint64_t)n;
         if (trunc) {                    /* that datagram is lost */
             overrun++;
-            (void)grow_buffer(p);
+            (void)grow_buffer(c);
             continue;
         }
         rc = fl_census_parse(c, p->buf, (size_t)n, 0);

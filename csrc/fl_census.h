@@ -59,6 +59,7 @@ struct fl_census {
     uint64_t bytes;           /* bytes received (all dumps) */
     int recvs;                /* recv calls (all dumps) */
     uint64_t lost;            /* follow: events lost to ENOBUFS */
+    int bufsize;              /* bytes of the receive buffer now */
     void *priv;               /* buffer, sockets */
 };
 
@@ -82,6 +83,11 @@ int  fl_census_dump(struct fl_census *c, int families, uint32_t states, int port
  * for a message whose length does not fit, -ENOMEM).
  */
 int  fl_census_parse(struct fl_census *c, const void *buf, size_t len, uint32_t seq);
+
+/* Sets the receive buffer to size bytes (256 .. 4 MiB); a datagram that
+ * does not fit (MSG_TRUNC) makes a dump double it and start again.  For
+ * tests of that path; the default (64 KiB) fits every dump datagram. */
+int  fl_census_set_buffer(struct fl_census *c, int size);
 
 /* Keeps only the records whose inode is a socket fd of this process
  * (/proc/self/fd) and sets their fd.  Returns the count kept or -errno. */

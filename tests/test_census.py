@@ -579,3 +579,20 @@ def test_bench_census_quick() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "N = 500 connections" in out.stdout
     assert "| 500 |" in out.stdout and "plain C" in out.stdout
+
+
+def test_datagram_longer_than_the_buffer_grows_it_and_dumps_again(server) -> None:  # type: ignore[no-untyped-def]
+    """MSG_TRUNC: a kernel datagram that did not fit is never half-read; the
+    dump starts again with a buffer twice as large."""
+    lst = server.listen()
+    server.pairs(lst, 20)
+    port = lst.getsockname()[1]
+    p = Parser()
+    assert lib.fl_census_set_buffer(p.c, 100) == -errno.EINVAL
+    assert lib.fl_census_set_buffer(p.c, 512) == 0 and p.c.bufsize == 512
+    n = lib.fl_census_dump(p.c, 3, 0, port, 1)
+    assert n == 41
+    assert p.c.bufsize > 512                       # grown on MSG_TRUNC
+    got = {(e.local, e.remote, e.inode) for e in p.census()}
+    assert got == {(e.local, e.remote, e.inode) for e in fastlive.census(port=port)}
+    assert all(e.info is not None for e in p.census())
