@@ -512,6 +512,51 @@ int fl_census_dump(struct fl_census *c, int families, uint32_t states, int port,
     return c->n;
 }
 
+/* --- suspects ------------------------------------------------------------- */
+
+#define HAS(r, f) ((r)->info_len >= offsetof(struct fl_tcp_info, f) + sizeof((r)->info.f))
+
+int fl_census_why(const struct fl_census_rec *r)
+{
+    const struct fl_tcp_info *i = &r->info;
+    int why = 0;
+
+    if (r->state == TCP_CLOSE_WAIT)
+        why |= FL_WHY_CLOSE_WAIT;
+    if (r->state == TCP_LISTEN || r->state == TCP_TIME_WAIT || r->info_len == 0)
+        return why;
+    if ((HAS(r, tcpi_retransmits) && i->tcpi_retransmits > 0) ||
+        (HAS(r, tcpi_backoff) && i->tcpi_backoff > 0))
+        why |= FL_WHY_RETRANS;
+    if (r->timer == 4 ||
+        (HAS(r, tcpi_snd_wnd) && i->tcpi_snd_wnd == 0 && r->state == TCP_ESTABLISHED &&
+         HAS(r, tcpi_unacked) && i->tcpi_unacked == 0 && r->wqueue > 0))
+        why |= FL_WHY_ZERO_WINDOW;
+    if (HAS(r, tcpi_last_ack_recv) && i->tcpi_unacked > 0 && i->tcpi_rto > 0 &&
+        (uint64_t)i->tcpi_last_ack_recv * 1000 > 2 * (uint64_t)i->tcpi_rto)
+        why |= FL_WHY_NO_ACK;
+    if (r->timer == 2 && HAS(r, tcpi_probes) && i->tcpi_probes > 0)
+        why |= FL_WHY_KEEPALIVE;
+    return why;
+}
+
+int fl_census_classify(const struct fl_census *c, uint8_t *out, uint32_t *states)
+{
+    int i, n = 0;
+
+    if (states)
+        memset(states, 0, 16 * sizeof *states);
+    for (i = 0; i < c->n; i++) {
+        int w = fl_census_why(&c->recs[i]);
+
+        out[i] = (uint8_t)w;
+        n += w != 0;
+        if (states)
+            states[c->recs[i].state & 15]++;
+    }
+    return n;
+}
+
 /* --- own sockets ---------------------------------------------------------- */
 
 struct ino_fd {

@@ -286,11 +286,11 @@ def _rta(typ: int, payload: bytes) -> bytes:
 
 def _diag(family: int = 2, state: int = 1, sport: int = 1234, dport: int = 80,
           src: bytes = b"\x7f\0\0\1", dst: bytes = b"\x7f\0\0\2", inode: int = 777,
-          uid: int = 1000, attrs: bytes = b"") -> bytes:
-    body = struct.pack("=BBBB", family, state, 1, 2)
+          uid: int = 1000, attrs: bytes = b"", timer: int = 1, wq: int = 7) -> bytes:
+    body = struct.pack("=BBBB", family, state, timer, 2)
     body += struct.pack(">HH", sport, dport) + src.ljust(16, b"\0") + dst.ljust(16, b"\0")
     body += struct.pack("=III", 3, 0xAABBCCDD, 0x11223344)      # if, cookie[0], cookie[1]
-    body += struct.pack("=IIIII", 5, 6, 7, uid, inode)         # expires rq wq uid inode
+    body += struct.pack("=IIIII", 5, 6, wq, uid, inode)        # expires rq wq uid inode
     return body + attrs
 
 
@@ -430,6 +430,39 @@ def test_fuzz_parser_length_fields() -> None:
         if rng.random() < 0.5:
             struct.pack_into("=I", data, 0, val & 0xFFFFFFFF)
         _check_parse(bytes(data[:rng.randrange(0, len(data) + 1)]))
+
+
+def _info_with(**fields: int) -> bytes:
+    raw = ffi.new("struct fl_tcp_info *")
+    raw.tcpi_state = 1
+    raw.tcpi_rto = 200000
+    raw.tcpi_snd_wnd = 65535
+    for k, v in fields.items():
+        setattr(raw, "tcpi_" + k, v)
+    return bytes(ffi.buffer(raw))
+
+
+@pytest.mark.parametrize("state, timer, wq, info, why", [
+    (1, 0, 0, _info_with(), []),
+    (8, 0, 0, _info_with(state=8), ["close-wait"]),
+    (1, 1, 10, _info_with(retransmits=2, unacked=1), ["retransmitting"]),
+    (1, 1, 10, _info_with(backoff=1, unacked=1, last_ack_recv=500), ["retransmitting", "no-ack"]),
+    (1, 4, 10, _info_with(probes=1), ["zero-window"]),
+    (1, 0, 10, _info_with(snd_wnd=0), ["zero-window"]),
+    (1, 0, 0, _info_with(snd_wnd=0), []),                      # nothing queued: not stuck
+    (1, 1, 10, _info_with(unacked=3, last_ack_recv=401), ["no-ack"]),
+    (1, 1, 10, _info_with(unacked=3, last_ack_recv=400), []),  # exactly 2 RTOs
+    (1, 2, 0, _info_with(probes=2), ["keepalive"]),
+    (10, 0, 0, _info_with(state=10, retransmits=1), []),        # LISTEN: never suspect
+    (1, 2, 0, _info_with(probes=2)[:3], []),                   # probes beyond the length
+])
+def test_suspect_rules(state: int, timer: int, wq: int, info: bytes, why: List[str]) -> None:
+    p = Parser()
+    p.feed(_msg(SOCK_DIAG_BY_FAMILY, _diag(state=state, timer=timer, wq=wq,
+                                           attrs=_rta(INET_DIAG_INFO, info))))
+    c = p.census()
+    assert c[0].why == why
+    assert (c.why()[0] != 0) == bool(why)
 
 
 def test_port_bytecode_layout() -> None:

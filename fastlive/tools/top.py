@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple, Union
 
-from ..census import Census, CensusEntry, Timer, census
+from ..census import WHY, Census, CensusEntry, census, why_names
 from ..tcpstate import TcpState
 
 __all__ = ["add_arguments", "run", "Suspect", "Snapshot", "analyze", "reasons",
@@ -52,33 +52,13 @@ def _num(info: Any, name: str, scale: int = 1, fmt: str = "{}") -> str:
 
 
 SPARKS = "▁▂▃▄▅▆▇█"
-REASONS = ("close-wait", "retransmitting", "zero-window", "no-ack", "keepalive")
+REASONS = tuple(WHY.values())
 
 
 def reasons(e: CensusEntry) -> List[str]:
-    """Why a socket looks dead or suspect ([] when it does not)."""
-    out: List[str] = []
-    st = e.state
-    if st == TcpState.CLOSE_WAIT:
-        out.append("close-wait")
-    if st in (TcpState.LISTEN, TcpState.TIME_WAIT):
-        return out
-    info = e.info
-    timer = e.timer
-    if info is None:
-        return out
-    if (_f(info, "retransmits") or 0) > 0 or (_f(info, "backoff") or 0) > 0:
-        out.append("retransmitting")
-    if timer == Timer.ZERO_WINDOW or (_f(info, "snd_wnd") == 0 and st == TcpState.ESTABLISHED
-                                      and (_f(info, "unacked") or 0) == 0 and e.wqueue > 0):
-        out.append("zero-window")
-    rto_ms = (_f(info, "rto") or 0) / 1000
-    last_ack = _f(info, "last_ack_recv")
-    if (_f(info, "unacked") or 0) > 0 and last_ack is not None and rto_ms > 0 and last_ack > 2 * rto_ms:
-        out.append("no-ack")
-    if timer == Timer.KEEPALIVE and (_f(info, "probes") or 0) > 0:
-        out.append("keepalive")
-    return out
+    """Why a socket looks dead or suspect ([] when it does not); the rules
+    live in C (``fl_census_why``), see :data:`fastlive.census.WHY`."""
+    return e.why
 
 
 @dataclass
@@ -148,24 +128,29 @@ def owners(inodes: Set[int], limit_s: float = 0.5) -> Dict[int, str]:
 
 
 def analyze(c: Census, dump_ms: float = 0.0, find_owners: bool = True) -> Snapshot:
-    """Counts, suspects, per-peer groups and CLOSE_WAIT per process/port."""
+    """Counts, suspects, per-peer groups and CLOSE_WAIT per process/port.
+    The reasons are computed in C for every record in one pass; Python
+    objects are made only for the suspect ones."""
+    why = c.why()
+    states = c.states()
+    hosts = c.remote_hosts()
+    skip = (TcpState.LISTEN, TcpState.TIME_WAIT)
     suspects: List[Suspect] = []
     peers: Dict[str, Tuple[int, collections.Counter[str]]] = {}
-    for e in c:
-        st = e.state
-        if st in (TcpState.LISTEN, TcpState.TIME_WAIT):
+    for k, host in enumerate(hosts):
+        if states[k] in skip:
             continue
-        host = e.remote[0]
-        why = reasons(e)
         n, ctr = peers.get(host, (0, collections.Counter()))
-        ctr.update(why)
+        bits = why[k]
+        if bits:
+            names = why_names(bits)
+            ctr.update(names)
+            suspects.append(Suspect(c[k], names))
         peers[host] = (n + 1, ctr)
-        if why:
-            suspects.append(Suspect(e, why))
     cw = [s.entry for s in suspects if "close-wait" in s.why]
-    names = owners({e.inode for e in cw if e.inode}) if find_owners and cw else {}
+    names_of = owners({e.inode for e in cw if e.inode}) if find_owners and cw else {}
     close_wait: Dict[Tuple[str, int], int] = collections.Counter(
-        (names.get(e.inode, "?"), e.local[1]) for e in cw)
+        (names_of.get(e.inode, "?"), e.local[1]) for e in cw)
     rank = {r: i for i, r in enumerate(reversed(REASONS))}
     suspects.sort(key=lambda s: (-max(rank[w] for w in s.why), -len(s.why)))
     return Snapshot(time.time(), len(c), c.counts(), suspects, peers, dict(close_wait),
