@@ -673,7 +673,10 @@ int fl_census_follow_open(struct fl_census *c, int families, int rcvbuf)
     fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_SOCK_DIAG);
     if (fd < 0)
         return -errno;
-    if (rcvbuf > 0)
+    /* SO_RCVBUFFORCE passes net.core.rmem_max with CAP_NET_ADMIN; without
+     * it SO_RCVBUF is capped there */
+    if (rcvbuf > 0 &&
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) < 0)
         (void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         err = -errno;

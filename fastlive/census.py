@@ -523,6 +523,7 @@ class Follow(Iterator[CensusEntry]):
 def census_follow(*, family: Optional[int] = None, timeout: Optional[float] = None,
                   rcvbuf: int = 4 << 20) -> Follow:
     """Subscribe to the kernel's TCP socket-destroy broadcasts (see
-    :class:`Follow`); ``rcvbuf`` is the receive queue asked for (bytes; the
-    kernel caps it at ``net.core.rmem_max`` for non-root)."""
+    :class:`Follow`); ``rcvbuf`` is the receive queue asked for in bytes
+    (``SO_RCVBUFFORCE`` with CAP_NET_ADMIN, else capped by the kernel at
+    ``net.core.rmem_max``)."""
     return Follow(family, timeout, rcvbuf)
