@@ -571,6 +571,15 @@ static int cmp_ino(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* By inode, then fd: the first entry of an inode has its lowest fd. */
+static int cmp_ino_fd(const void *a, const void *b)
+{
+    const struct ino_fd *x = a, *y = b;
+    int c = cmp_ino(a, b);
+
+    return c ? c : (x->fd > y->fd) - (x->fd < y->fd);
+}
+
 int fl_census_keep_own(struct fl_census *c)
 {
     struct ino_fd *map = NULL, key;
@@ -618,7 +627,7 @@ int fl_census_keep_own(struct fl_census *c)
     }
     closedir(d);
     if (nmap)
-        qsort(map, nmap, sizeof *map, cmp_ino);
+        qsort(map, nmap, sizeof *map, cmp_ino_fd);
     for (i = 0; i < c->n; i++) {
         struct ino_fd *hit;
 
@@ -629,7 +638,7 @@ int fl_census_keep_own(struct fl_census *c)
         if (!hit)
             continue;
         /* the lowest fd of that inode (dup'ed sockets share it) */
-        while (hit > map && hit[-1].ino == key.ino && hit[-1].fd < hit->fd)
+        while (hit > map && hit[-1].ino == key.ino)
             hit--;
         if (kept != i)
             c->recs[kept] = c->recs[i];

@@ -629,3 +629,34 @@ def test_datagram_longer_than_the_buffer_grows_it_and_dumps_again(server) -> Non
     got = {(e.local, e.remote, e.inode) for e in p.census()}
     assert got == {(e.local, e.remote, e.inode) for e in fastlive.census(port=port)}
     assert all(e.info is not None for e in p.census())
+
+
+def test_own_with_a_dup_gives_the_lowest_fd(server) -> None:  # type: ignore[no-untyped-def]
+    lst = server.listen()
+    (a, _b), = server.pairs(lst, 1)
+    hi = os.dup2(a.fileno(), 1000 + a.fileno())
+    try:
+        mine = [e for e in fastlive.census(own=True, port=lst.getsockname()[1])
+                if e.local == a.getsockname()]
+        assert len(mine) == 1 and mine[0].fd == a.fileno() < hi
+    finally:
+        os.close(hi)
+
+
+def test_own_with_many_dups_gives_the_lowest_fd(server) -> None:  # type: ignore[no-untyped-def]
+    lst = server.listen()
+    (a, _b), = server.pairs(lst, 1)
+    dups = [os.dup2(a.fileno(), 900 + k * 7) for k in (3, 1, 2, 0, 4)]
+    try:
+        mine = [e for e in fastlive.census(own=True, port=lst.getsockname()[1])
+                if e.local == a.getsockname()]
+        assert [e.fd for e in mine] == [a.fileno()]
+        a_fd = a.fileno()
+        a.detach()
+        os.close(a_fd)                        # now the lowest is a dup
+        mine = [e for e in fastlive.census(own=True, port=lst.getsockname()[1])
+                if e.remote[1] == lst.getsockname()[1]]
+        assert [e.fd for e in mine] == [min(dups)]
+    finally:
+        for fd in dups:
+            os.close(fd)
