@@ -660,3 +660,47 @@ def test_own_with_many_dups_gives_the_lowest_fd(server) -> None:  # type: ignore
     finally:
         for fd in dups:
             os.close(fd)
+
+
+def test_dumps_racing_sockets_opened_and_closed(server) -> None:  # type: ignore[no-untyped-def]
+    """Dumps while another thread opens and closes connections: never an
+    error or a half-read record, and the sockets that stay are always seen
+    (whether the churned ones are seen depends on when they come and go)."""
+    stable_lst = server.listen()
+    stable = server.pairs(stable_lst, 10)
+    churn_lst = server.listen()
+    stop = threading.Event()
+    churned = [0]
+
+    def churn() -> None:
+        addr = churn_lst.getsockname()
+        while not stop.is_set():
+            ps = []
+            for _ in range(20):
+                c = socket.create_connection(addr, timeout=5)
+                s, _ = churn_lst.accept()
+                ps.append((c, s))
+            for c, s in ps:
+                c.close()
+                s.close()
+            churned[0] += 20
+
+    t = threading.Thread(target=churn, daemon=True)
+    t.start()
+    want = {(a.getsockname(), a.getpeername()) for a, _b in stable}
+    try:
+        deadline = time.monotonic() + 1.0
+        dumps = 0
+        while time.monotonic() < deadline:
+            c = fastlive.census()
+            keys = {(e.local, e.remote) for e in c}
+            assert want <= keys
+            for e in c:
+                assert isinstance(e.state, TcpState)
+                assert e.family in (socket.AF_INET, socket.AF_INET6)
+            assert c.skipped == 0
+            dumps += 1
+    finally:
+        stop.set()
+        t.join(10)
+    assert dumps >= 5 and churned[0] >= 40
