@@ -230,7 +230,7 @@ def test_agrees_with_ss(server) -> None:  # type: ignore[no-untyped-def]
     def addr(hp: Tuple[str, int]) -> str:
         return f"{hp[0]}:{hp[1] if hp[1] else '*'}"
 
-    got = {(addr(e.local), addr(e.remote).replace("0.0.0.0:*", "0.0.0.0:*")): e for e in mine}
+    got = {(addr(e.local), addr(e.remote)): e for e in mine}
     assert set(got) == set(theirs)
     for k, e in got.items():
         row = theirs[k]
@@ -691,16 +691,16 @@ def test_dumps_racing_sockets_opened_and_closed(server) -> None:  # type: ignore
     try:
         deadline = time.monotonic() + 1.0
         dumps = 0
-        while time.monotonic() < deadline:
-            c = fastlive.census()
-            keys = {(e.local, e.remote) for e in c}
-            assert want <= keys
-            for e in c:
-                assert isinstance(e.state, TcpState)
-                assert e.family in (socket.AF_INET, socket.AF_INET6)
-            assert c.skipped == 0
+        valid = set(TcpState)
+        while time.monotonic() < deadline or dumps < 3:
+            c = fastlive.census()                   # the whole machine
+            assert c.skipped == 0 and set(c.states()) <= valid
+            # the same walk, the kernel keeping only the stable port
+            s = fastlive.census(port=stable_lst.getsockname()[1])
+            assert want <= {(e.local, e.remote) for e in s}
+            assert s.skipped == 0
             dumps += 1
     finally:
         stop.set()
         t.join(10)
-    assert dumps >= 5 and churned[0] >= 40
+    assert dumps >= 3 and churned[0] >= 40
