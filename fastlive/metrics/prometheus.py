@@ -87,6 +87,12 @@ class FastliveCollector:
         """Called by prometheus_client at each scrape."""
         return iter(list(self._families(True)))
 
+    def probe(self) -> None:
+        """Takes one census now (machine collectors): OSError if the kernel
+        refuses it (a scrape would then report ``fastlive_census_up 0``)."""
+        if self._sampler is not None:
+            self._sampler.sample()
+
     def close(self) -> None:
         """Frees the census memory and netlink socket (machine collectors)."""
         if self._sampler is not None:
