@@ -254,7 +254,7 @@ def test_a_real_prometheus_scrapes_machine_and_process(tmp_path, many_peers):
         try:
             prom = Prometheus(tmp_path, {
                 "fastlive-node": ex.hostport,
-                "fastlive-app": "127.0.0.1:%d" % app.server_address[1]})
+                "fastlive-app": f"127.0.0.1:{app.server_address[1]}"})
             prom.wait_for('up{job="fastlive-node"}', 1)
             prom.wait_for('up{job="fastlive-app"}', 1)
             prom.wait_for('fastlive_tcp_connections{state="established"}', 1)  # pair.local
@@ -281,7 +281,7 @@ def test_a_real_prometheus_scrapes_machine_and_process(tmp_path, many_peers):
             # the CLOSE_WAIT sockets closed: the gauge falls back
             for s in held:
                 s.close()
-            prom.wait_for(f'sum(fastlive_tcp_connections{{state="close_wait"}})', 0)
+            prom.wait_for('sum(fastlive_tcp_connections{state="close_wait"})', 0)
             lst.close()
         finally:
             if prom is not None:
