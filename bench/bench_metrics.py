@@ -10,6 +10,7 @@ Monitor with a few real deaths.  Then, in interleaved rounds, it times:
                    (every engine's counters; nothing per connection)
   machine scrape   exposition of the census collector: kernel dump + C tally
   kernel dump      the sock_diag dump alone (fl_census_dump with tcp_info)
+  dump, no tcp_info  the same without INET_DIAG_INFO (``--no-tcp-info``)
   C tally          fl_census_tally over that dump alone
   python tally     the same figures from a Python loop over CensusEntry views
   /proc/net/tcp    state counts by parsing /proc/net/tcp and tcp6 in Python
@@ -113,6 +114,9 @@ def main() -> int:
         def dump() -> None:
             lib.fl_census_dump(c, 3, 0, -1, 1)
 
+        def dump_noinfo() -> None:
+            lib.fl_census_dump(c, 3, 0, -1, 0)
+
         def tally() -> None:
             lib.fl_census_tally(c, t, scratch, ports, counts, 10)
 
@@ -120,10 +124,12 @@ def main() -> int:
             "process scrape": lambda: generate_latest(proc_reg),
             "machine scrape": lambda: generate_latest(mach_reg),
             "kernel dump": dump,
+            "dump, no tcp_info": dump_noinfo,
             "C tally": tally,
             "python tally": lambda: python_tally(census_obj),
             "/proc/net/tcp": proc_net_tcp,
         }
+        dump_noinfo()
         dump()
         times: Dict[str, List[float]] = {k: [] for k in cases}
         names = list(cases)

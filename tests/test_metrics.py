@@ -383,3 +383,18 @@ def test_closed_sampler_reports_census_down():
     s.close()
     with pytest.raises(ValueError, match="closed"):
         s.sample()
+
+
+def test_census_without_tcp_info_has_no_suspect_family(loopback_pairs):
+    assert loopback_pairs(2)
+    reg = CollectorRegistry()
+    coll = register(reg, process=False, machine=True, tcp_info=False)
+    try:
+        fams = families(reg)
+        assert "fastlive_tcp_suspect_connections" not in fams
+        assert value(fams, "fastlive_tcp_connections", state="established") >= 4
+        assert value(fams, "fastlive_tcp_zero_window_connections") >= 0
+    finally:
+        coll.close()
+    with pytest.raises(TypeError, match="tcp_info"):
+        MachineSampler(tcp_info=1)

@@ -62,17 +62,20 @@ class FastliveCollector:
     ``process``: the engines of this process; ``machine``: one census of
     the network namespace per scrape (for a node-level exporter - every
     process of a fleet doing it would repeat the same dump);
-    ``close_wait_top``: CLOSE_WAIT local ports reported one by one.
+    ``close_wait_top``: CLOSE_WAIT local ports reported one by one;
+    ``tcp_info=False``: a cheaper census without ``tcp_info`` (no
+    ``fastlive_tcp_suspect_connections``).
     """
 
     def __init__(self, *, process: bool = True, machine: bool = False,
-                 close_wait_top: int = DEFAULT_TOP, ledger: Optional[Ledger] = None) -> None:
+                 close_wait_top: int = DEFAULT_TOP, tcp_info: bool = True,
+                 ledger: Optional[Ledger] = None) -> None:
         for name, v in (("process", process), ("machine", machine)):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, not {type(v).__name__}")
         self.process = process
         self._ledger = ledger if ledger is not None else LEDGER
-        self._sampler = MachineSampler(close_wait_top) if machine else None
+        self._sampler = MachineSampler(close_wait_top, tcp_info=tcp_info) if machine else None
 
     @property
     def machine(self) -> bool:
@@ -187,14 +190,19 @@ class FastliveCollector:
         for port, n in m.close_wait_top:
             cw.add_metric([str(port)], n)
         cw.add_metric(["other"], m.close_wait_rest)
-        yield from (up, took, conns, suspect, retrans, zero, cw)
+        yield from (up, took, conns)
+        if m.suspect:
+            yield suspect
+        yield from (retrans, zero, cw)
 
 
 def register(registry: Optional[CollectorRegistry] = None, *, process: bool = True,
-             machine: bool = False, close_wait_top: int = DEFAULT_TOP) -> FastliveCollector:
+             machine: bool = False, close_wait_top: int = DEFAULT_TOP,
+             tcp_info: bool = True) -> FastliveCollector:
     """Creates a :class:`FastliveCollector` and registers it (default:
     prometheus_client's global ``REGISTRY``); returns it (unregister with
     ``registry.unregister(collector)``)."""
-    c = FastliveCollector(process=process, machine=machine, close_wait_top=close_wait_top)
+    c = FastliveCollector(process=process, machine=machine, close_wait_top=close_wait_top,
+                          tcp_info=tcp_info)
     (REGISTRY if registry is None else registry).register(c)
     return c

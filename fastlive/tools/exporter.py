@@ -97,6 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--close-wait-top", type=int, default=10, metavar="K",
                         help="CLOSE_WAIT local ports reported one by one (0..1000, default 10); "
                              "the rest are summed as port=\"other\"")
+    parser.add_argument("--no-tcp-info", action="store_true",
+                        help="census without tcp_info: about a third cheaper, no suspect counts")
     parser.add_argument("--process", action="store_true",
                         help="also export this process's own engine metrics (normally none)")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
@@ -177,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as e:
                 return _fail(str(e), 2)
         collector = FastliveCollector(process=args.process, machine=True,
-                                      close_wait_top=args.close_wait_top)
+                                      close_wait_top=args.close_wait_top,
+                                      tcp_info=not args.no_tcp_info)
         try:
             collector.probe()                 # fail now, not at the first scrape
         except OSError as e:
