@@ -44,7 +44,9 @@ tests:
           - exp_labels: {{severity: warning, instance: a, port: "8080"}}
             exp_annotations:
               summary: "CLOSE_WAIT keeps growing on a port 8080"
-              description: "400 sockets in CLOSE_WAIT on local port 8080, and more than 50 more than 30 minutes ago: the peers closed but the application does not close its sockets."
+              description: >-
+                400 sockets in CLOSE_WAIT on local port 8080, and more than 50 more than
+                30 minutes ago: the peers closed but the application does not close its sockets.
       - eval_time: 8m
         alertname: FastliveHeartbeatDeaths
         exp_alerts: []
@@ -54,7 +56,9 @@ tests:
           - exp_labels: {{severity: warning, instance: b, job: app}}
             exp_annotations:
               summary: "Heartbeat peers dying on b"
-              description: "500m connections per second found dead by heartbeat over the last 5 minutes (sustained 10 minutes)."
+              description: >-
+                500m connections per second found dead by heartbeat over the last 5 minutes
+                (sustained 10 minutes).
 """
 
 
