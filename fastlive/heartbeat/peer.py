@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from .._lib import seconds
 from ..verdict import Method, Status, Verdict
 from .engine import HeartbeatDeath, _check_schedule
 from .wire import Decoder, FrameError, FrameType, ping, pong_for
@@ -54,6 +55,10 @@ class PyHeartbeatPeer:
 
     def add(self, sock: socket.socket, interval: Optional[float] = None,
             misses: int = 3) -> None:
+        """Answer ``sock``'s PINGs; with ``interval`` (seconds) also PING it
+        after that much silence and report it dead after ``misses *
+        interval`` without a byte.  The socket is registered with the
+        selector (epoll) for reading."""
         if interval is not None:
             _check_schedule(interval, misses)
         with self._mutex:
@@ -62,6 +67,8 @@ class PyHeartbeatPeer:
             self._sel.register(conn.fd, selectors.EVENT_READ, conn)
 
     def remove(self, sock: socket.socket) -> None:
+        """Stop answering and watching ``sock`` (unregisters it from the
+        selector; the socket stays open)."""
         with self._mutex:
             conn = self._conns.pop(sock.fileno(), None)
             if conn is not None:
@@ -76,7 +83,7 @@ class PyHeartbeatPeer:
             return
         self._sel.unregister(conn.fd)
         self._deaths.append(HeartbeatDeath(conn.fd, Verdict(status, method, err),
-                                  now - conn.last_heard, conn.sock))
+                                           now - conn.last_heard, conn.sock, now))
 
     def _send(self, conn: _PeerConn, frame: bytes, now: float) -> None:
         try:
@@ -125,6 +132,7 @@ class PyHeartbeatPeer:
     def step(self, timeout: float) -> List[HeartbeatDeath]:
         """One round: wait up to ``timeout`` seconds for data, read it, then
         ping the silent connections; returns the deaths found."""
+        timeout = seconds("timeout", timeout)
         for key, _ in self._sel.select(timeout):
             with self._mutex:
                 conn: _PeerConn = key.data
@@ -169,12 +177,17 @@ class PyHeartbeatPeer:
         return out
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the :meth:`start` thread (waits up to ``timeout`` seconds for
+        it to finish its current step)."""
+        timeout = seconds("timeout", timeout)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def close(self) -> None:
+        """Stop the thread and close the selector's epoll fd (the sockets
+        stay open)."""
         self.stop()
         self._sel.close()
 
