@@ -7,32 +7,13 @@ import time
 from typing import Any, List, Tuple
 
 import fastlive
-from fastlive import _registry
-
-
-class _CountedMonitor(fastlive.Monitor):
-    """A real Monitor that counts its deaths the way the registry hooks do
-    (used only while Monitor itself does not have ``counters`` yet)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counters = _registry.DeathCounters()
-        _registry.track(self)
-
-    def wait(self, timeout: float = 0.0) -> List[Any]:
-        out = super().wait(timeout)
-        for d in out:
-            self.counters.record(int(d.status), int(d.method))
-        return out
 
 
 def counted_monitor() -> fastlive.Monitor:
-    """A real Monitor registered for the exporters, counting its deaths."""
+    """A real Monitor (it registers itself for the exporters and counts its deaths)."""
     m = fastlive.Monitor()
-    if hasattr(m, "counters"):
-        return m
-    m.close()
-    return _CountedMonitor()
+    assert hasattr(m, "counters"), "Monitor lacks the registry hooks"
+    return m
 
 
 def wait_deaths(mon: fastlive.Monitor, n: int, timeout: float = 10.0) -> List[Any]:

@@ -302,6 +302,68 @@ def test_opentelemetry_in_memory_reader(many_peers):
             s.close()
 
 
+# --- a real heartbeat engine and a peer that freezes -------------------------------
+
+def test_heartbeat_pings_rtt_misses_and_death():
+    from fastlive.testing import HeartbeatPeerProcess
+
+    reg = CollectorRegistry()
+    coll = register(reg)
+    lst = socket.create_server(("127.0.0.1", 0))
+    before = families(reg)
+    peer = HeartbeatPeerProcess(lst, 2)
+    eng = fastlive.HeartbeatEngine(tick=0.005)
+    try:
+        for s in peer.socks:
+            eng.add(s, 0.1, 3, rtt=True)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and eng.stats().pongs_received < 6:
+            assert eng.wait(0.1) == []
+        mid = families(reg)
+        for name in ("fastlive_heartbeat_pings_sent_total",
+                     "fastlive_heartbeat_pings_answered_total",
+                     "fastlive_heartbeat_rtt_seconds_count"):
+            assert value(mid, name) - value(before, name) >= 6, name
+        rtt = [s for s in mid["fastlive_heartbeat_rtt_seconds"].samples
+               if s.name.endswith("_bucket")]
+        assert len(rtt) > 2 and rtt[-1].labels["le"] == "+Inf"
+        assert value(mid, "fastlive_heartbeat_rtt_seconds_sum") > 0
+        assert value(mid, "fastlive_monitored_connections") - \
+            value(before, "fastlive_monitored_connections") == 2
+        peer.freeze()
+        deaths = []
+        end = time.monotonic() + 10
+        while time.monotonic() < end and len(deaths) < 2:
+            deaths += eng.wait(0.2)
+        assert len(deaths) == 2
+        d = deaths[0].verdict
+        after = families(reg)
+        st, me = d.status.name.lower(), d.method.name.lower()
+        try:
+            old = value(before, "fastlive_deaths_total", status=st, method=me)
+        except KeyError:
+            old = 0
+        assert me == "heartbeat"
+        assert value(after, "fastlive_deaths_total", status=st, method=me) - old == 2
+        assert value(after, "fastlive_heartbeat_pings_missed_total") - \
+            value(before, "fastlive_heartbeat_pings_missed_total") >= 2
+        # the detection times (silence before the verdict) are in the histogram
+        assert value(after, "fastlive_detection_seconds_count") - \
+            value(before, "fastlive_detection_seconds_count") == 2
+        assert value(after, "fastlive_detection_seconds_sum") - \
+            value(before, "fastlive_detection_seconds_sum") >= 2 * 0.2
+        eng.close()
+        closed = families(reg)     # counters survive the engine
+        assert value(closed, "fastlive_deaths_total", status=st, method=me) - old == 2
+        assert value(closed, "fastlive_heartbeat_pings_sent_total") >= \
+            value(after, "fastlive_heartbeat_pings_sent_total")
+    finally:
+        eng.close()
+        peer.close()
+        lst.close()
+        coll.close()
+
+
 # --- scrapes racing Monitors being closed -----------------------------------------
 
 def test_scrape_while_monitors_are_closed(loopback_pairs):
@@ -326,6 +388,10 @@ def test_scrape_while_monitors_are_closed(loopback_pairs):
                     m.close()
                 else:
                     del m           # dropped without close: collected
+                if i % 20 == 0:     # heartbeat engines too (each has a native thread)
+                    with fastlive.HeartbeatEngine() as h:
+                        h.add(pairs[i % 20][0], 1.0, 3)
+                        h.stats()
         except Exception as e:     # pragma: no cover - reported below
             errors.append(e)
 
