@@ -94,6 +94,7 @@ int fl_census_new(struct fl_census **out)
         return -ENOMEM;
     }
     p->bufcap = BUF_START;
+    c->bufsize = BUF_START;
     p->dumpfd = p->followfd = p->stopfd = -1;
     p->seq = (uint32_t)mono_us() | 1u;
     c->priv = p;
@@ -376,13 +377,14 @@ static ssize_t recv_one(int fd, struct census_priv *p, int flags, int *trunc)
     if (n < 0)
         return -errno;
     *trunc = (msg.msg_flags & MSG_TRUNC) != 0;
-    if (msg.msg_namelen >= sizeof(sa.nl_family) && sa.nl_pid != 0)
+    if (msg.msg_namelen >= sizeof sa && sa.nl_pid != 0)
         return -ENOMSG;                 /* not from the kernel: ignore it */
     return n;
 }
 
-static int grow_buffer(struct census_priv *p)
+static int grow_buffer(struct fl_census *c)
 {
+    struct census_priv *p = c->priv;
     unsigned char *b;
 
     if (p->bufcap >= BUF_MAX)
@@ -393,6 +395,24 @@ static int grow_buffer(struct census_priv *p)
     free(p->buf);
     p->buf = b;
     p->bufcap *= 2;
+    c->bufsize = (int)p->bufcap;
+    return 0;
+}
+
+int fl_census_set_buffer(struct fl_census *c, int size)
+{
+    struct census_priv *p = c->priv;
+    unsigned char *b;
+
+    if (size < 256 || size > BUF_MAX)
+        return -EINVAL;
+    b = malloc((size_t)size);
+    if (!b)
+        return -ENOMEM;
+    free(p->buf);
+    p->buf = b;
+    p->bufcap = (size_t)size;
+    c->bufsize = size;
     return 0;
 }
 
@@ -422,7 +442,7 @@ static int dump_family(struct fl_census *c, int family, uint32_t states,
         c->bytes += (uint64_t)n;
         if (trunc) {                    /* never with a 64 KiB buffer; still */
             drop_dump_socket(p);
-            rc = grow_buffer(p);
+            rc = grow_buffer(c);
             return rc < 0 ? rc : -EMSGSIZE;
         }
         if (n == 0) {
@@ -476,7 +496,7 @@ int fl_census_dump(struct fl_census *c, int families, uint32_t states, int port,
             if (rc == 0 && (families & 2))
                 rc = dump_family(c, AF_INET6, states, bc, bclen, want_info);
         }
-        if (rc == -EMSGSIZE && grown++ < 8)
+        if (rc == -EMSGSIZE && grown++ < 16)
             continue;                   /* buffer grown: read it all again */
         if (rc < 0) {
             c->n = 0;
@@ -492,6 +512,51 @@ int fl_census_dump(struct fl_census *c, int families, uint32_t states, int port,
     return c->n;
 }
 
+/* --- suspects ------------------------------------------------------------- */
+
+#define HAS(r, f) ((r)->info_len >= offsetof(struct fl_tcp_info, f) + sizeof((r)->info.f))
+
+int fl_census_why(const struct fl_census_rec *r)
+{
+    const struct fl_tcp_info *i = &r->info;
+    int why = 0;
+
+    if (r->state == TCP_CLOSE_WAIT)
+        why |= FL_WHY_CLOSE_WAIT;
+    if (r->state == TCP_LISTEN || r->state == TCP_TIME_WAIT || r->info_len == 0)
+        return why;
+    if ((HAS(r, tcpi_retransmits) && i->tcpi_retransmits > 0) ||
+        (HAS(r, tcpi_backoff) && i->tcpi_backoff > 0))
+        why |= FL_WHY_RETRANS;
+    if (r->timer == 4 ||
+        (HAS(r, tcpi_snd_wnd) && i->tcpi_snd_wnd == 0 && r->state == TCP_ESTABLISHED &&
+         HAS(r, tcpi_unacked) && i->tcpi_unacked == 0 && r->wqueue > 0))
+        why |= FL_WHY_ZERO_WINDOW;
+    if (HAS(r, tcpi_last_ack_recv) && i->tcpi_unacked > 0 && i->tcpi_rto > 0 &&
+        (uint64_t)i->tcpi_last_ack_recv * 1000 > 2 * (uint64_t)i->tcpi_rto)
+        why |= FL_WHY_NO_ACK;
+    if (r->timer == 2 && HAS(r, tcpi_probes) && i->tcpi_probes > 0)
+        why |= FL_WHY_KEEPALIVE;
+    return why;
+}
+
+int fl_census_classify(const struct fl_census *c, uint8_t *out, uint32_t *states)
+{
+    int i, n = 0;
+
+    if (states)
+        memset(states, 0, 16 * sizeof *states);
+    for (i = 0; i < c->n; i++) {
+        int w = fl_census_why(&c->recs[i]);
+
+        out[i] = (uint8_t)w;
+        n += w != 0;
+        if (states)
+            states[c->recs[i].state & 15]++;
+    }
+    return n;
+}
+
 /* --- own sockets ---------------------------------------------------------- */
 
 struct ino_fd {
@@ -504,6 +569,15 @@ static int cmp_ino(const void *a, const void *b)
     uint64_t x = ((const struct ino_fd *)a)->ino, y = ((const struct ino_fd *)b)->ino;
 
     return x < y ? -1 : x > y;
+}
+
+/* By inode, then fd: the first entry of an inode has its lowest fd. */
+static int cmp_ino_fd(const void *a, const void *b)
+{
+    const struct ino_fd *x = a, *y = b;
+    int c = cmp_ino(a, b);
+
+    return c ? c : (x->fd > y->fd) - (x->fd < y->fd);
 }
 
 int fl_census_keep_own(struct fl_census *c)
@@ -553,7 +627,7 @@ int fl_census_keep_own(struct fl_census *c)
     }
     closedir(d);
     if (nmap)
-        qsort(map, nmap, sizeof *map, cmp_ino);
+        qsort(map, nmap, sizeof *map, cmp_ino_fd);
     for (i = 0; i < c->n; i++) {
         struct ino_fd *hit;
 
@@ -564,7 +638,7 @@ int fl_census_keep_own(struct fl_census *c)
         if (!hit)
             continue;
         /* the lowest fd of that inode (dup'ed sockets share it) */
-        while (hit > map && hit[-1].ino == key.ino && hit[-1].fd < hit->fd)
+        while (hit > map && hit[-1].ino == key.ino)
             hit--;
         if (kept != i)
             c->recs[kept] = c->recs[i];
@@ -608,7 +682,10 @@ int fl_census_follow_open(struct fl_census *c, int families, int rcvbuf)
     fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_SOCK_DIAG);
     if (fd < 0)
         return -errno;
-    if (rcvbuf > 0)
+    /* SO_RCVBUFFORCE passes net.core.rmem_max with CAP_NET_ADMIN; without
+     * it SO_RCVBUF is capped there */
+    if (rcvbuf > 0 &&
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &rcvbuf, sizeof rcvbuf) < 0)
         (void)setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
         err = -errno;
@@ -670,7 +747,7 @@ int fl_census_follow_wait(struct fl_census *c, int timeout_ms)
         c->bytes += (uint64_t)n;
         if (trunc) {                    /* that datagram is lost */
             overrun++;
-            (void)grow_buffer(p);
+            (void)grow_buffer(c);
             continue;
         }
         rc = fl_census_parse(c, p->buf, (size_t)n, 0);

@@ -59,6 +59,7 @@ struct fl_census {
     uint64_t bytes;           /* bytes received (all dumps) */
     int recvs;                /* recv calls (all dumps) */
     uint64_t lost;            /* follow: events lost to ENOBUFS */
+    int bufsize;              /* bytes of the receive buffer now */
     void *priv;               /* buffer, sockets */
 };
 
@@ -82,6 +83,29 @@ int  fl_census_dump(struct fl_census *c, int families, uint32_t states, int port
  * for a message whose length does not fit, -ENOMEM).
  */
 int  fl_census_parse(struct fl_census *c, const void *buf, size_t len, uint32_t seq);
+
+/* Sets the receive buffer to size bytes (256 .. 4 MiB); a datagram that
+ * does not fit (MSG_TRUNC) makes a dump double it and start again.  For
+ * tests of that path; the default (64 KiB) fits every dump datagram. */
+int  fl_census_set_buffer(struct fl_census *c, int size);
+
+/* Why a socket looks dead or suspect (bits of fl_census_why's result). */
+enum fl_census_why {
+    FL_WHY_CLOSE_WAIT = 1,    /* the peer closed, this side did not */
+    FL_WHY_RETRANS = 2,       /* RTO retransmissions or backoff outstanding */
+    FL_WHY_ZERO_WINDOW = 4,   /* zero-window probe timer, or no send window
+                                 with data queued */
+    FL_WHY_NO_ACK = 8,        /* data unacknowledged, no ACK for > 2 RTOs */
+    FL_WHY_KEEPALIVE = 16     /* keepalive probes sent and unanswered */
+};
+
+/* The reasons of one record (0: nothing suspect).  Fields beyond the
+ * record's info_len count as absent. */
+int  fl_census_why(const struct fl_census_rec *r);
+/* fl_census_why of every record into out[0 .. c->n - 1]; counts per state
+ * into states[0 .. 15] (may be NULL).  Returns how many records have a
+ * reason. */
+int  fl_census_classify(const struct fl_census *c, uint8_t *out, uint32_t *states);
 
 /* Keeps only the records whose inode is a socket fd of this process
  * (/proc/self/fd) and sets their fd.  Returns the count kept or -errno. */

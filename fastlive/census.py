@@ -40,7 +40,7 @@ from .tcpinfo import TcpInfo
 from .tcpstate import TcpState
 
 __all__ = ["census", "census_follow", "Census", "CensusEntry", "Follow", "Timer",
-           "parse_states", "ALL_STATES"]
+           "parse_states", "ALL_STATES", "WHY", "why_names"]
 
 _REC = "struct fl_census_rec"
 _REC_SIZE: int = ffi.sizeof(_REC)
@@ -49,6 +49,23 @@ _INFO_OFF: int = ffi.offsetof(_REC, "info")
 ALL_STATES: Tuple[TcpState, ...] = tuple(TcpState)
 _STATE = {int(s): s for s in TcpState}
 _NTOP = socket.inet_ntop
+_OFF_FAMILY: int = ffi.offsetof(_REC, "family")
+_OFF_STATE: int = ffi.offsetof(_REC, "state")
+_OFF_DST: int = ffi.offsetof(_REC, "dst")
+
+#: Why a socket looks dead or suspect: bit -> name (fl_census_why in C).
+WHY: Dict[int, str] = {
+    1: "close-wait",       # the peer closed (FIN received), this side did not
+    2: "retransmitting",   # RTO retransmissions or backoff outstanding
+    4: "zero-window",      # zero-window probe timer, or no send window with data queued
+    8: "no-ack",           # data unacknowledged and no ACK for more than 2 RTOs
+    16: "keepalive",       # keepalive probes sent and unanswered
+}
+
+
+def why_names(bits: int) -> List[str]:
+    """The names of the reason bits in ``bits`` (see :data:`WHY`)."""
+    return [name for bit, name in WHY.items() if bits & bit]
 
 
 class Timer(enum.IntEnum):
@@ -225,6 +242,13 @@ class CensusEntry:
         n = self._r.info_len
         return n > 0 and bool(lib.fl_tcp_info_suspect(ffi.addressof(self._r, "info"), n))
 
+    @property
+    def why(self) -> List[str]:
+        """Why the socket looks dead or suspect (names from :data:`WHY`; []
+        when nothing does): CLOSE_WAIT, retransmitting, zero window, no ACK
+        for over 2 RTOs, keepalive probes unanswered."""
+        return why_names(lib.fl_census_why(self._r))
+
     def as_dict(self) -> Dict[str, Any]:
         """Plain values, for JSON."""
         info = self.info
@@ -238,7 +262,7 @@ class CensusEntry:
             "rqueue": self.rqueue, "wqueue": self.wqueue,
             "timer": tm.name.lower() if isinstance(tm, Timer) else tm,
             "retrans": self.retrans, "expires_ms": self.expires_ms,
-            "fd": self.fd, "suspect": self.suspect,
+            "fd": self.fd, "suspect": self.suspect, "why": self.why,
             "info": info.as_dict() if info is not None else None,
         }
 
@@ -313,15 +337,37 @@ class Census(Sequence[CensusEntry]):
 
     def states(self) -> bytes:
         """The state of every record, one byte each, in dump order."""
-        recs = self._c.recs
-        return bytes(recs[k].state for k in range(self._n))
+        return bytes(self.raw()[_OFF_STATE::_REC_SIZE])
+
+    def _classify(self) -> Tuple[bytes, List[int]]:
+        why = ffi.new("uint8_t[]", max(1, self._n))
+        states = ffi.new("uint32_t[16]")
+        lib.fl_census_classify(self._c, why, states)
+        return bytes(ffi.buffer(why, self._n)), list(states)
 
     def counts(self) -> Dict[Union[TcpState, int], int]:
-        """How many sockets are in each state."""
-        out: Dict[Union[TcpState, int], int] = {}
-        for st in self.states():
-            key = _STATE.get(st, st)
-            out[key] = out.get(key, 0) + 1
+        """How many sockets are in each state (counted in C)."""
+        _why, states = self._classify()
+        return {_STATE.get(st, st): n for st, n in enumerate(states) if n}
+
+    def why(self) -> bytes:
+        """Per record, the bits of :data:`WHY` (0: nothing suspect), in
+        dump order; computed in C in one pass."""
+        return self._classify()[0]
+
+    def remote_hosts(self) -> List[str]:
+        """The remote address of every record, as text, in dump order."""
+        mv = self.raw()
+        seen: Dict[bytes, str] = {}
+        out: List[str] = []
+        for base in range(0, self._n * _REC_SIZE, _REC_SIZE):
+            fam = mv[base + _OFF_FAMILY]
+            raw = bytes(mv[base + _OFF_DST: base + _OFF_DST + (4 if fam == socket.AF_INET else 16)])
+            host = seen.get(raw)
+            if host is None:
+                host = seen[raw] = _NTOP(socket.AF_INET if fam == socket.AF_INET else socket.AF_INET6,
+                                         raw)
+            out.append(host)
         return out
 
     def raw(self) -> memoryview:
@@ -477,6 +523,7 @@ class Follow(Iterator[CensusEntry]):
 def census_follow(*, family: Optional[int] = None, timeout: Optional[float] = None,
                   rcvbuf: int = 4 << 20) -> Follow:
     """Subscribe to the kernel's TCP socket-destroy broadcasts (see
-    :class:`Follow`); ``rcvbuf`` is the receive queue asked for (bytes; the
-    kernel caps it at ``net.core.rmem_max`` for non-root)."""
+    :class:`Follow`); ``rcvbuf`` is the receive queue asked for in bytes
+    (``SO_RCVBUFFORCE`` with CAP_NET_ADMIN, else capped by the kernel at
+    ``net.core.rmem_max``)."""
     return Follow(family, timeout, rcvbuf)

@@ -19,6 +19,9 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("demo", "fastlive.tools.demo", "fail peers in every way and show which method sees what"),
     ("netns-sweep", "fastlive.tools.netns",
      "delete network namespaces left behind by killed fastlive test runs"),
+    ("census", "fastlive.tools.census",
+     "every TCP socket of the machine from one kernel dump (--follow: the death log)"),
+    ("top", "fastlive.tools.top", "live view of the machine's TCP connections, suspect ones first"),
     ("client", "fastlive.tools.article", "the article's TCP client (takes over the process)"),
     ("server", "fastlive.tools.article", "the article's TCP server, one --method per section "
      "(takes over the process)"),
