@@ -3,6 +3,7 @@ namespace, and a real Prometheus server scraping it (and a process's own
 engine metrics) on loopback."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -215,6 +216,18 @@ class Prometheus:
             time.sleep(0.25)
         raise AssertionError(f"{q}: wanted {want}, last {got!r}\n{self.logtext()[-2000:]}")
 
+    def wait_nonempty(self, q: str, timeout: float = 40.0) -> None:
+        """Polls until ``q`` (a filter such as ``x > 0``) returns a series."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                if self.query(q):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise AssertionError(f"{q}: no series\n{self.logtext()[-2000:]}")
+
     def logtext(self) -> str:
         self.log.flush()
         return (self.tmp / "prometheus.log").read_text()
@@ -239,58 +252,82 @@ def test_a_real_prometheus_scrapes_machine_and_process(tmp_path, many_peers):
     reason = netns_unavailable()
     if reason:
         pytest.skip(f"needs a network namespace: {reason}")
-    from fastlive.testing import NetnsPair
+    from fastlive.testing import HeartbeatPeerProcess, NetnsPair
 
     # the process's own engines, served from this test process
-    reg = CollectorRegistry()
-    coll = register(reg)
-    app = _Server(("127.0.0.1", 0), _handler(reg, False))
-    t = threading.Thread(target=app.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    t.start()
-    mon = counted_monitor()
-    socks = many_peers.connect(5)
-    with NetnsPair() as pair:
+    with contextlib.ExitStack() as stack:
+        reg = CollectorRegistry()
+        coll = register(reg)
+        stack.callback(coll.close)
+        app = _Server(("127.0.0.1", 0), _handler(reg, False))
+        stack.callback(app.server_close)
+        t = threading.Thread(target=app.serve_forever, kwargs={"poll_interval": 0.2},
+                             daemon=True)
+        t.start()
+        stack.callback(app.shutdown)
+        mon = stack.enter_context(counted_monitor())
+        socks = many_peers.connect(5)
+        for s in socks:
+            stack.callback(s.close)
+        hlst = stack.enter_context(socket.create_server(("127.0.0.1", 0)))
+        hpeer = HeartbeatPeerProcess(hlst, 1)
+        stack.callback(hpeer.close)
+        eng = stack.enter_context(fastlive.HeartbeatEngine(tick=0.005))
+        eng.add(hpeer.socks[0], 0.1, 3, rtt=True)
+        pair = stack.enter_context(NetnsPair())
         ex = Exporter("--netns", pair.ns_a)
-        prom = None
-        try:
-            prom = Prometheus(tmp_path, {
-                "fastlive-node": ex.hostport,
-                "fastlive-app": f"127.0.0.1:{app.server_address[1]}"})
-            prom.wait_for('up{job="fastlive-node"}', 1)
-            prom.wait_for('up{job="fastlive-app"}', 1)
-            prom.wait_for('fastlive_tcp_connections{state="established"}', 1)  # pair.local
+        stack.callback(lambda: ex.close() == 0 or pytest.fail("exporter exit status"))
+        prom = Prometheus(tmp_path, {
+            "fastlive-node": ex.hostport,
+            "fastlive-app": f"127.0.0.1:{app.server_address[1]}"})
+        stack.callback(prom.close)
+        _scenario(prom, pair, mon, socks, many_peers, eng, hpeer)
 
-            # connections and deaths
-            with pair.inside_a():
-                lst = socket.create_server(("127.0.0.1", 0))
-                held = close_wait_on(3, lst)[0]
-            port = lst.getsockname()[1]
-            for s in socks:
-                mon.add(s)
-            many_peers.rst(socks[:2])
-            wait_deaths(mon, 2)
-            f = process_figures()
-            resets = f.deaths[("reset", "epoll")]
 
-            prom.wait_for(f'fastlive_tcp_close_wait_connections{{port="{port}"}}', 3)
-            prom.wait_for('fastlive_tcp_connections{state="close_wait"}', 3)
-            prom.wait_for('fastlive_tcp_connections{state="listen"}', 1)
-            prom.wait_for('fastlive_deaths_total{status="reset",method="epoll"}', resets)
-            prom.wait_for("fastlive_monitored_connections", f.monitored)
-            prom.wait_for("fastlive_census_up", 1)
+def _scenario(prom, pair, mon, socks, many_peers, eng, hpeer) -> None:
+    prom.wait_for('up{job="fastlive-node"}', 1)
+    prom.wait_for('up{job="fastlive-app"}', 1)
+    prom.wait_for('fastlive_tcp_connections{state="established"}', 1)  # pair.local
 
-            # the CLOSE_WAIT sockets closed: the gauge falls back
-            for s in held:
-                s.close()
-            prom.wait_for('sum(fastlive_tcp_connections{state="close_wait"})', 0)
-            lst.close()
-        finally:
-            if prom is not None:
-                prom.close()
-            assert ex.close() == 0
-            mon.close()
-            coll.close()
-            app.shutdown()
-            app.server_close()
-            for s in socks:
-                s.close()
+    # connections and deaths
+    with pair.inside_a():
+        lst = socket.create_server(("127.0.0.1", 0))
+        held = close_wait_on(3, lst)[0]
+    try:
+        port = lst.getsockname()[1]
+        for s in socks:
+            mon.add(s)
+        many_peers.rst(socks[:2])
+        wait_deaths(mon, 2)
+        f = process_figures()
+        resets = f.deaths[("reset", "epoll")]
+
+        prom.wait_for(f'fastlive_tcp_close_wait_connections{{port="{port}"}}', 3)
+        prom.wait_for('fastlive_tcp_connections{state="close_wait"}', 3)
+        prom.wait_for('fastlive_tcp_connections{state="listen"}', 1)
+        prom.wait_for('fastlive_deaths_total{status="reset",method="epoll"}', resets)
+        prom.wait_for("fastlive_monitored_connections", f.monitored)
+        prom.wait_for("fastlive_census_up", 1)
+
+        # heartbeat: PINGs answered with RTTs, then the peer freezes and dies
+        prom.wait_nonempty("fastlive_heartbeat_pings_answered_total > 5")
+        prom.wait_nonempty("fastlive_heartbeat_rtt_seconds_count > 5")
+        hpeer.freeze()
+        hb_deaths = []
+        end = time.monotonic() + 10
+        while not hb_deaths and time.monotonic() < end:
+            hb_deaths = eng.wait(0.2)
+        assert len(hb_deaths) == 1
+        v = hb_deaths[0].verdict
+        st, me = v.status.name.lower(), v.method.name.lower()
+        n = process_figures().deaths[(st, me)]
+        prom.wait_for(f'fastlive_deaths_total{{status="{st}",method="{me}"}}', n)
+        prom.wait_nonempty("fastlive_heartbeat_pings_missed_total > 0")
+
+        # the CLOSE_WAIT sockets closed: the gauge falls back
+        for s in held:
+            s.close()
+        prom.wait_for('sum(fastlive_tcp_connections{state="close_wait"})', 0)
+    finally:
+        for s in held + [lst]:
+            s.close()
