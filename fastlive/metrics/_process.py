@@ -10,9 +10,12 @@ never anything per connection.
 Counters must not go down when an engine closes, so the ledger remembers
 each engine's counters (its :class:`~fastlive._registry.DeathCounters`
 object, which outlives the engine, and the last heartbeat statistics it
-read) and folds them into a "retired" total once the engine is gone.
-Heartbeat PINGs counted between the last read and the close are not seen;
-deaths are (their counters object stays readable).
+read) and folds them into a "retired" total once the engine is gone:
+the deaths of an engine seen by one read are never lost (its counters
+object stays readable after the close); heartbeat PINGs counted between
+the last read and the close are.  An engine opened and closed entirely
+between two reads is not seen at all (the registry holds engines weakly
+and keeps no history).
 """
 from __future__ import annotations
 
