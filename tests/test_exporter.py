@@ -165,6 +165,27 @@ def test_exporter_reports_a_namespace_exactly(netns_pair):
         assert ex.close() == 0          # SIGTERM: a clean exit
 
 
+def test_exporter_on_ipv6_loopback_and_openmetrics():
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback: {e}")
+    ex = Exporter("--listen", "[::1]:0")
+    try:
+        assert ex.url.startswith("http://[::1]:")
+        fams = ex.scrape()
+        assert sample(fams, "fastlive_census_up") == 1
+        req = urllib.request.Request(
+            ex.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert r.read().decode().endswith("# EOF\n")
+    finally:
+        assert ex.close() == 0
+
+
 # --- a real Prometheus -------------------------------------------------------------
 
 def _free_port() -> int:
