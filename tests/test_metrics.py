@@ -12,6 +12,8 @@ import threading
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 import fastlive
 from fastlive._lib import ffi, lib
@@ -464,3 +466,37 @@ def test_census_without_tcp_info_has_no_suspect_family(loopback_pairs):
         coll.close()
     with pytest.raises(TypeError, match="tcp_info"):
         MachineSampler(tcp_info=1)
+
+
+# --- the tally's top-k on synthetic records (any ports, any k) ---------------------
+
+@settings(max_examples=200, deadline=None)
+@given(recs=hs.lists(hs.tuples(hs.integers(1, 11), hs.integers(0, 65535), hs.integers(0, 6),
+                               hs.integers(0, 3)), max_size=300),
+       k=hs.integers(0, 12))
+def test_tally_top_k_property(recs, k):
+    n = len(recs)
+    arr = ffi.new("struct fl_census_rec[]", max(n, 1))
+    for i, (state, port, timer, retrans) in enumerate(recs):
+        arr[i].state, arr[i].sport, arr[i].timer, arr[i].retrans = state, port, timer, retrans
+    c = ffi.new("struct fl_census *")
+    c.n, c.recs = n, arr
+    t = ffi.new("struct fl_tally *")
+    scratch = ffi.new("uint32_t[65536]")
+    ports, counts = ffi.new("uint16_t[]", max(k, 1)), ffi.new("uint32_t[]", max(k, 1))
+    got = lib.fl_census_tally(c, t, scratch, ports, counts, k)
+    cw = {}
+    for state, port, _, _ in recs:
+        if state == 8:
+            cw[port] = cw.get(port, 0) + 1
+    top = sorted(cw.items(), key=lambda pc: (-pc[1], pc[0]))
+    assert got == min(k, len(cw))
+    assert [(ports[i], counts[i]) for i in range(got)] == top[:k]
+    assert t.close_wait_rest == sum(v for _, v in top[k:])
+    assert t.close_wait_ports == len(cw)
+    assert t.retransmitting == sum(1 for _, _, tm, r in recs if tm == 1 and r > 0)
+    assert t.zero_window == sum(1 for _, _, tm, _ in recs if tm == 4)
+    assert [t.states[s] for s in range(1, 12)] == [sum(1 for r in recs if r[0] == s)
+                                                   for s in range(1, 12)]
+    assert sum(t.suspect) == 0                     # no tcp_info given
+    assert not any(scratch[p] for p in cw)
