@@ -44,6 +44,12 @@ def _env() -> Dict[str, str]:
     return env
 
 
+def _plain_env() -> Dict[str, str]:
+    """The environment for a foreign program (prometheus, a Go binary):
+    without the sanitizer runtime scripts/sanitize.sh preloads."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+
+
 def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fastlive", *args], capture_output=True,
                           text=True, timeout=timeout, env=_env())
@@ -211,7 +217,7 @@ class Prometheus:
         self.proc: Optional[subprocess.Popen] = subprocess.Popen(
             [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp)
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=tmp, env=_plain_env())
         self.tmp = tmp
 
     def query(self, q: str) -> List[Tuple[Dict[str, str], float]]:
