@@ -32,6 +32,7 @@ struct batch_priv {
     int *badlist;            /* [nbad] entries bad at build (ascending) */
     int *scratch;            /* [cap] good entries found dead by a sweep */
     uint8_t *bad;            /* [cap] build-time marks */
+    short *lastrev;          /* [cap] revents behind each entry's poll verdict */
     unsigned int gen;        /* fl_fork_generation() when built */
 };
 
@@ -121,6 +122,7 @@ static int reserve(struct fl_batch *b, int n)
     GROW(pv->badlist);
     GROW(pv->scratch);
     GROW(pv->bad);
+    GROW(pv->lastrev);
     if (b->info)
         GROW(b->info);
 #undef GROW
@@ -144,44 +146,37 @@ static void mark_bad(struct fl_batch *b, int i, int err)
     b->err[i] = err;
 }
 
-int fl_batch_set(struct fl_batch *b, const int *fds, int n)
+/* Duplicates: sort (fd, index) and mark every copy after the first. */
+static int mark_duplicates(struct fl_batch *b, const int *fds, int n)
+{
+    uint64_t *keys;
+    int i;
+
+    if (n < 2)
+        return 0;
+    keys = malloc((size_t)n * sizeof *keys);
+    if (!keys)
+        return -ENOMEM;
+    for (i = 0; i < n; i++)
+        keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
+    qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
+    for (i = 1; i < n; i++)
+        if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
+            mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
+    free(keys);
+    return 0;
+}
+
+/* Every entry not already bad: one TCP_INFO read, decided by the rule
+ * (not open, not a socket, not TCP, listening, connecting, never
+ * connected: bad). */
+static void mark_invalid(struct fl_batch *b, const int *fds, int n)
 {
     struct batch_priv *pv = b->priv;
-    uint64_t *keys = NULL;
-    int i, r, nd, ng;
+    struct fl_verdict v;
+    int i, st, seen;
 
-    if (n < 0)
-        return -EINVAL;
-    if ((r = reserve(b, n)) < 0)
-        return r;
-    b->n = n;
-    b->method = -1;
-    if (n > 0)
-        memcpy(b->fds, fds, (size_t)n * sizeof *fds);
-    memset(b->info_len, 0, (size_t)n * sizeof *b->info_len);
     for (i = 0; i < n; i++) {
-        set_alive(b, i);
-        pv->bad[i] = 0;
-    }
-    /* Duplicates: sort (fd, index) and mark every copy after the first. */
-    if (n > 1) {
-        keys = malloc((size_t)n * sizeof *keys);
-        if (!keys) {
-            b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
-            return -ENOMEM;
-        }
-        for (i = 0; i < n; i++)
-            keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
-        qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
-        for (i = 1; i < n; i++)
-            if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
-                mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
-        free(keys);
-    }
-    for (i = 0; i < n; i++) {
-        struct fl_verdict v;
-        int st, seen;
-
         if (pv->bad[i])
             continue;
         if (fds[i] < 0) {
@@ -197,6 +192,31 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
             b->tcp_state[i] = (uint8_t)(st > 0 ? st : 0);
         }
     }
+}
+
+int fl_batch_set(struct fl_batch *b, const int *fds, int n)
+{
+    struct batch_priv *pv = b->priv;
+    int i, r, nd, ng;
+
+    if (n < 0)
+        return -EINVAL;
+    if ((r = reserve(b, n)) < 0)
+        return r;
+    b->n = n;
+    b->method = -1;
+    if (n > 0)
+        memcpy(b->fds, fds, (size_t)n * sizeof *fds);
+    memset(b->info_len, 0, (size_t)n * sizeof *b->info_len);
+    for (i = 0; i < n; i++) {
+        set_alive(b, i);
+        pv->bad[i] = 0;
+    }
+    if (mark_duplicates(b, fds, n) < 0) {
+        b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
+        return -ENOMEM;
+    }
+    mark_invalid(b, fds, n);
     /* Sweeps walk only the good entries, packed; the bad ones keep their
      * build-time verdict and are merged into dead[] in order. */
     for (i = 0, nd = 0, ng = 0; i < n; i++) {
@@ -207,6 +227,7 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
             pv->pfd[ng].fd = fds[i];
             pv->pfd[ng].events = POLLIN | POLLRDHUP;
             pv->pfd[ng].revents = 0;
+            pv->lastrev[ng] = 0;
             pv->map[ng++] = i;
         }
     }
@@ -254,6 +275,7 @@ void fl_batch_free(struct fl_batch *b)
         free(pv->badlist);
         free(pv->scratch);
         free(pv->bad);
+        free(pv->lastrev);
         free(pv);
     }
     free(b->fds);
@@ -335,6 +357,16 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
             set_alive(b, i);
             continue;
         }
+        /* A hangup seen by the last poll sweep with the same bits: its
+         * verdict stands (a FIN or an RST does not go away) and costs no
+         * syscall.  Our own SHUT_RD is re-decided: the peer's FIN may have
+         * come since, with the same bits. */
+        if (rev == pv->lastrev[j] && b->method == FL_M_POLL &&
+            b->status[i] != FL_ALIVE && !(b->flags[i] & FL_F_LOCAL_SHUTDOWN)) {
+            pv->scratch[ng++] = i;
+            continue;
+        }
+        pv->lastrev[j] = rev;
         poll_verdict(b, i, rev);
         if (b->status[i] != FL_ALIVE)
             pv->scratch[ng++] = i;
@@ -402,6 +434,13 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
             continue;
         }
         b->info_len[i] = (uint32_t)len;
+        if (len >= 1 && ti->tcpi_state == TCP_ESTABLISHED) {
+            b->tcp_state[i] = TCP_ESTABLISHED;
+            b->status[i] = FL_ALIVE;
+            b->err[i] = 0;
+            b->flags[i] = fl_tcp_info_suspect(ti, (int)len) ? FL_F_SUSPECT : 0;
+            continue;
+        }
         if (len < 1)
             decide(b, i, EOPNOTSUPP, -1, 0, 0);
         else

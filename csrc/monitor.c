@@ -84,6 +84,9 @@ struct fl_monitor {
     int wake_set, timer_on;
     int closing, closed;
     int inwait;            /* a waiter is between its entry and its exit */
+    int fast;              /* callers inside wait(0)'s lock-free look (atomic) */
+    struct fl_death *pyout;   /* fl_monitor_poll's out array (the caller's) */
+    int pymax;
     int busy;              /* the waiter's turn: entry until ack or abort */
     pthread_t owner;
     int handed;            /* deaths at the queue's head handed to it */
@@ -100,7 +103,10 @@ struct fl_monitor {
     int byfd_cap;
     struct fl_death *q;    /* the deaths queue: q[qhead .. qhead + qlen) */
     int qhead, qlen, qcap;
+    uint64_t counts[FL_COUNT_STATUSES][FL_COUNT_METHODS];  /* acked deaths */
 };
+
+static void take_ack(struct fl_monitor *m);
 
 static uint64_t token_of(int slot, uint32_t gen)
 {
@@ -249,12 +255,21 @@ int fl_monitor_close(struct fl_monitor *m)
     }
     pthread_mutex_lock(&m->lock);
     if (!m->closing) {
-        m->closing = 1;
+        __atomic_store_n(&m->closing, 1, __ATOMIC_SEQ_CST);
         m->wake_set = 0;
         wake_locked(m);              /* every sleeping waiter returns */
     }
     while (m->inwait)
         pthread_cond_wait(&m->left, &m->lock);
+    if (!m->closed)
+        take_ack(m);                 /* count what the caller already has */
+    while (__atomic_load_n(&m->fast, __ATOMIC_SEQ_CST)) {
+        /* a wait(0) look is a few microseconds: let it finish */
+        struct timespec ts = { 0, 100000 };
+        pthread_mutex_unlock(&m->lock);
+        nanosleep(&ts, NULL);
+        pthread_mutex_lock(&m->lock);
+    }
     if (!m->closed) {
         close_fds(m);
         free_tables(m);
@@ -327,18 +342,36 @@ static int queue_push(struct fl_monitor *m, const struct fl_death *d)
         }
     }
     m->q[m->qhead + m->qlen++] = *d;
-    if (m->qlen > m->handed)
-        wake_locked(m);
     return 0;
 }
 
-/* The caller's ack: its deaths leave the queue and its turn ends. */
+/* The eventfd's rule, applied after every change of the queue: readable
+ * while deaths wait that no caller holds (so selectors/asyncio see them),
+ * not readable otherwise.  While closing it stays readable. */
+static void settle_wake(struct fl_monitor *m)
+{
+    if (m->closing)
+        return;
+    if (m->qlen > m->handed)
+        wake_locked(m);
+    else if (m->wake_set)
+        unwake_locked(m);
+}
+
+/* The caller's ack: its deaths leave the queue (counted: the caller has
+ * them) and its turn ends. */
 static void take_ack(struct fl_monitor *m)
 {
-    int k = m->acked < m->handed ? m->acked : m->handed;
+    int i, k = m->acked < m->handed ? m->acked : m->handed;
 
     if (!m->acked)
         return;
+    for (i = 0; i < k; i++) {
+        const struct fl_death *d = &m->q[m->qhead + i];
+        if ((unsigned)d->status < FL_COUNT_STATUSES &&
+            (unsigned)d->method < FL_COUNT_METHODS)
+            m->counts[d->status][d->method]++;
+    }
     m->qhead += k;
     m->qlen -= k;
     if (!m->qlen)
@@ -353,6 +386,28 @@ int *fl_monitor_ack_cell(struct fl_monitor *m)
     return &m->acked;
 }
 
+void fl_monitor_counts(struct fl_monitor *m, uint64_t *out)
+{
+    int forked = fl_monitor_forked(m);
+
+    if (!forked)
+        pthread_mutex_lock(&m->lock);
+    memcpy(out, m->counts, sizeof m->counts);
+    if (!forked)
+        pthread_mutex_unlock(&m->lock);
+}
+
+void fl_monitor_set_out(struct fl_monitor *m, struct fl_death *out, int max)
+{
+    m->pyout = out;
+    m->pymax = max;
+}
+
+int fl_monitor_poll(struct fl_monitor *m)
+{
+    return fl_monitor_wait(m, 0, m->pyout, m->pymax);
+}
+
 void fl_monitor_abort(struct fl_monitor *m)
 {
     if (fl_monitor_forked(m))
@@ -362,9 +417,8 @@ void fl_monitor_abort(struct fl_monitor *m)
     if (m->busy && !m->inwait && pthread_equal(m->owner, pthread_self())) {
         m->busy = 0;
         m->handed = 0;
-        if (m->qlen && !m->closing)
-            wake_locked(m);
     }
+    settle_wake(m);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -543,6 +597,7 @@ int fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token)
     if ((rc = enter(m)) < 0)
         return rc;
     rc = add_locked(m, fd, armed, cookie, ino, token);
+    settle_wake(m);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
@@ -607,6 +662,7 @@ int fl_monitor_verify(struct fl_monitor *m)
     if (rc < 0)
         return rc;
     rc = audit(m, &cursor, m->nregs);
+    settle_wake(m);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
@@ -669,7 +725,9 @@ static int on_event(struct fl_monitor *m, const struct epoll_event *e)
     death_of(m, slot, &d);
     d.events = (int)e->events;
     classify(r, e->events, &d);
-    epoll_ctl(m->epfd, EPOLL_CTL_DEL, r->fd, NULL);
+    /* No EPOLL_CTL_DEL: ONESHOT already disarmed the registration, and the
+     * kernel drops it when the socket closes (a syscall saved per death;
+     * add() of the same socket again finds it and re-arms it with MOD). */
     free_slot(m, slot);
     return queue_push(m, &d);
 }
@@ -679,7 +737,7 @@ static int on_event(struct fl_monitor *m, const struct epoll_event *e)
 static int collect(struct fl_monitor *m, int timeout_ms)
 {
     int64_t deadline = timeout_ms > 0 ? mono_ms() + timeout_ms : 0;
-    int tmo = m->qlen > m->handed ? 0 : timeout_ms;
+    int tmo = timeout_ms;
     int got, i, rc;
 
     for (;;) {
@@ -724,21 +782,57 @@ static int take_turn(struct fl_monitor *m)
     return 0;
 }
 
+/* wait(0) with nothing queued, the common case of a poller: one
+ * epoll_wait into a stack array, no mutex.  Returns 0 when there was
+ * nothing; 1 when the caller must take the full path (events were queued
+ * here, or the monitor is closing).  close() waits for m->fast to drain
+ * before it closes the fd (seq_cst on both sides: close stores closing
+ * then reads fast; this increments fast then reads closing). */
+static int look(struct fl_monitor *m)
+{
+    struct epoll_event ev[16];
+    int got, i;
+
+    __atomic_add_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&m->closing, __ATOMIC_SEQ_CST)) {
+        __atomic_sub_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
+        return 1;
+    }
+    got = epoll_wait(m->epfd, ev, 16, 0);
+    if (got > 0) {
+        pthread_mutex_lock(&m->lock);
+        for (i = 0; i < got; i++)
+            if (on_event(m, &ev[i]) < 0)
+                break;                  /* -ENOMEM: the full path says so */
+        settle_wake(m);                 /* in case another thread is the waiter */
+        pthread_mutex_unlock(&m->lock);
+    }
+    __atomic_sub_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
+    return got != 0;
+}
+
 int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
                     struct fl_death *out, int max)
 {
-    int rc, n = 0;
+    int rc, queued, n = 0;
 
     if (fl_monitor_forked(m))
         return -FL_E_FORKED;
     if (timeout_ms < 0 || max < 1)
         return -EINVAL;
+    if (timeout_ms == 0 && !__atomic_load_n(&m->qlen, __ATOMIC_RELAXED) &&
+        !__atomic_load_n(&m->acked, __ATOMIC_RELAXED) &&
+        !__atomic_load_n(&m->busy, __ATOMIC_RELAXED) && !look(m))
+        return 0;
     pthread_mutex_lock(&m->lock);
     rc = take_turn(m);
+    queued = m->qlen > 0;
     pthread_mutex_unlock(&m->lock);
     if (rc < 0)
         return rc;
-    rc = collect(m, timeout_ms);
+    /* Deaths already queued are returned at once (the kernel's newer
+     * events stay readable in the set for the next call). */
+    rc = queued ? 0 : collect(m, timeout_ms);
     pthread_mutex_lock(&m->lock);
     if (!m->closing || m->closed == 0) {
         n = m->qlen < max ? m->qlen : max;
@@ -748,8 +842,7 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
     m->handed = n;
     if (n == 0)
         m->busy = 0;
-    if (m->wake_set && m->qlen == n && !m->closing)
-        unwake_locked(m);               /* all handed out: not readable */
+    settle_wake(m);
     m->inwait = 0;
     if (m->closing)
         pthread_cond_broadcast(&m->left);

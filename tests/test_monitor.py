@@ -360,6 +360,8 @@ def test_registry_counts_deaths(pairs):
         ps[0][1].close()
         rst(ps[1][1])
         assert len(collect(m, 2)) == 2
+        # counted once the caller has them: at the next wait() (or close())
+        assert m.wait(0) == []
         deaths, _b, _s, timed = m.counters.snapshot()
         assert deaths == {(int(Status.PEER_CLOSED), int(Method.EPOLL)): 1,
                           (int(Status.RESET), int(Method.EPOLL)): 1}
@@ -452,3 +454,17 @@ def test_inode_identity_fallback(pairs):
         os.close(r)
         os.close(w)
     assert lib.fl_socket_inode(-1, ino) == -_errno.EBADF
+
+
+def test_readd_after_death_reports_again(pairs, mon):
+    """The kernel keeps a reported (disarmed) registration until the socket
+    closes; adding the same socket again re-arms it."""
+    (c, p), = pairs(1)
+    mon.add(c, key=1)
+    p.shutdown(socket.SHUT_WR)
+    [d] = collect(mon, 1)
+    assert (d.key, d.status) == (1, Status.PEER_CLOSED)
+    mon.add(c, key=2)
+    [d] = collect(mon, 1)
+    assert (d.key, d.status) == (2, Status.PEER_CLOSED)
+    assert mon.wait(0.05) == [] and len(mon) == 0

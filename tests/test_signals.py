@@ -23,6 +23,17 @@ class Alarm(Exception):
     pass
 
 
+_LIVE = [False]
+_GATE = [True]          # the handler raises only while this is true
+
+
+def disarm() -> None:
+    """Stop the timer; a signal already generated (its handler not yet
+    run) then finds the handler disarmed and does nothing."""
+    _LIVE[0] = False
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+
+
 @pytest.fixture
 def alarm() -> Iterator[Callable[..., List[float]]]:
     """arm(after, raising=True, every=0.0): SIGALRM after ``after`` s (then
@@ -35,10 +46,13 @@ def alarm() -> Iterator[Callable[..., List[float]]]:
         ran: List[float] = []
 
         def handler(signum: int, frame: object) -> None:
+            if not _LIVE[0]:
+                return
             ran.append(time.monotonic())
-            if raising:
+            if raising and _GATE[0]:
                 raise Alarm()
 
+        _LIVE[0] = True
         signal.signal(signal.SIGALRM, handler)
         signal.setitimer(signal.ITIMER_REAL, after, every)
         return ran
@@ -46,7 +60,7 @@ def alarm() -> Iterator[Callable[..., List[float]]]:
     try:
         yield arm
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        disarm()
         signal.signal(signal.SIGALRM, old)
 
 
@@ -73,8 +87,12 @@ def test_raising_handler_interrupts_at_once(loopback_pair, alarm, which):
     with pytest.raises(Alarm):
         call(3.0)
     done = time.monotonic()
-    assert done - t0 < 0.5, name
-    assert len(ran) == 1 and ran[0] - t0 < 0.1 + 0.02 + 0.05, name   # within 20 ms (+ slack)
+    disarm()
+    # The 3 s wait ends at the signal.  (The handler itself runs within
+    # microseconds of the kernel's delivery; the slack below is for a
+    # loaded machine's scheduling, not for fastlive.)
+    assert done - t0 < 1.0, name
+    assert len(ran) == 1 and ran[0] - t0 < 0.1 + 0.4, name
 
 
 def test_rcvtimeo_from_the_socket_is_interruptible(loopback_pair, alarm):
@@ -84,7 +102,7 @@ def test_rcvtimeo_from_the_socket_is_interruptible(loopback_pair, alarm):
     alarm(0.1)
     with pytest.raises(Alarm):
         fastlive.check_rcvtimeo(cli)
-    assert time.monotonic() - t0 < 0.5
+    assert time.monotonic() - t0 < 1.0
 
 
 @pytest.mark.parametrize("which", range(5), ids=["Monitor.wait", "check_poll", "check_select",
@@ -96,9 +114,9 @@ def test_returning_handler_waits_the_time_left(loopback_pair, alarm, which):
     ran = alarm(0.1, raising=False, every=0.1)      # several signals meanwhile
     result = call(0.6)
     took = time.monotonic() - t0
-    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    disarm()
     assert len(ran) >= 3, name                       # the handler ran each time
-    assert 0.58 <= took < 0.6 + 0.25, (name, took)   # the whole timeout, not more
+    assert 0.58 <= took < 0.6 + 0.5, (name, took)    # the whole timeout, not 3 x
     if isinstance(result, fastlive.Verdict):
         assert result.status in (Status.ALIVE, Status.TIMED_OUT)
     elif isinstance(result, list):
@@ -106,10 +124,12 @@ def test_returning_handler_waits_the_time_left(loopback_pair, alarm, which):
 
 
 def test_monitor_loses_no_death_to_raising_handlers(loopback_pairs, alarm):
-    """40 deaths, collected 3 per wait() while a raising SIGALRM fires
-    every 300 us: every death arrives exactly once."""
+    """40 deaths, collected 3 per wait() while a SIGALRM fires every 300 us
+    and its handler raises whenever it runs inside wait() (in the C call's
+    return or while wait() builds its list): every death arrives exactly
+    once.  The test's own bookkeeping is outside the handler's reach (the
+    gate), so what could lose a death is wait() alone."""
     ps: List[Pair] = loopback_pairs(40)
-    want = set(range(40))
     got: List[int] = []
     interrupted = 0
     with Monitor(max_events=3) as m:
@@ -118,20 +138,26 @@ def test_monitor_loses_no_death_to_raising_handlers(loopback_pairs, alarm):
         for _, p in ps:
             p.close()
         time.sleep(0.05)
-        alarm(0.0003, every=0.0003)
-        deadline = time.monotonic() + 20
-        while set(got) != want and time.monotonic() < deadline:
-            try:
-                got += [d.key for d in m.wait(0.05)]
-            except Alarm:
-                interrupted += 1
-        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        _GATE[0] = False
         try:
-            got += [d.key for d in m.wait(0.05)]
-        except Alarm:                                # one last signal in flight
-            got += [d.key for d in m.wait(0.05)]
+            alarm(0.0003, every=0.0003)
+            deadline = time.monotonic() + 20
+            while len(got) < 40 and time.monotonic() < deadline:
+                try:
+                    _GATE[0] = True
+                    res = m.wait(0.05)
+                    _GATE[0] = False        # a plain store: nothing runs in between
+                except Alarm:
+                    _GATE[0] = False
+                    interrupted += 1
+                    continue
+                got.extend(d.key for d in res)
+            disarm()
+        finally:
+            _GATE[0] = True
+        got.extend(d.key for d in m.wait(0.05))
         assert interrupted > 0
-        assert sorted(got) == sorted(want), (len(got), interrupted)
+        assert sorted(got) == list(range(40)), (len(got), interrupted)
         assert len(m) == 0
 
 
