@@ -81,6 +81,7 @@ struct fl_hb_stats {
     uint64_t pings_answered;
     uint64_t misses;            /* PINGs with no answer before the next PING or death */
     uint64_t withheld;          /* PINGs/PONGs not sent: the application made no progress */
+    uint64_t graced;            /* deaths put off: our own PING had gone out late */
     uint64_t frames_received;
     uint64_t bytes_received;
     uint64_t timer_fires;       /* connections whose deadline came due */
@@ -108,7 +109,7 @@ struct fl_hb;
  * once) until fl_hb_peek/fl_hb_commit take them; fl_hb_fileno is an
  * eventfd, readable while deaths are queued and after fl_hb_close.  Every
  * call is thread-safe (one mutex, which the engine thread drops while it
- * sleeps).  In a forked child every call returns -ECHILD and touches
+ * sleeps).  In a forked child every call returns -FL_E_FORKED and touches
  * nothing (the engine thread exists only in the parent).
  */
 

@@ -84,6 +84,7 @@ struct conn {
     int64_t deadline_us;
     int64_t deadline_tick;
     int64_t ping_sent_us;       /* 0: no PING outstanding */
+    int64_t first_ping_us;      /* first PING since the last byte heard, or 0 */
     int64_t ping_due_us;        /* when that PING was due */
     uint64_t rx_bytes;          /* shared: tcpi_bytes_received at the last look */
     uint16_t seq, ping_seq;
@@ -99,7 +100,7 @@ struct conn {
 struct fl_hb {
     pthread_mutex_t mu;
     pthread_t thread;
-    pid_t pid;                  /* the process that owns the thread */
+    unsigned int forkgen;       /* fl_fork_generation() of the owning process */
     int running;                /* the thread was started and not joined */
     int stop, closed;
     int signalled;              /* evfd holds a count (deaths queued) */
@@ -284,28 +285,42 @@ static void signal_deaths(struct fl_hb *hb)
         hb->signalled = 1;
 }
 
-/* Ends watching connection i and queues its death for fl_hb_peek. */
-static void conn_die(struct fl_hb *hb, int32_t i, int status, int err, int method,
+/* Ends watching connection i and queues its death for fl_hb_peek.  What
+ * the engine saw (err: an errno or 0; seen: enum fl_seen bits) is turned
+ * into the verdict by the one rule, fl_verdict_decide, with the socket's
+ * TCP state - except for EBADF: the fd was closed (or its number reused)
+ * behind the engine's back, so nothing is read from the number. */
+static void conn_die(struct fl_hb *hb, int32_t i, int err, int seen, int method,
                      int64_t silent_us)
 {
     struct conn *c = &hb->c[i];
+    struct fl_verdict v;
+    int st = -1;
 
     if (c->state != C_LIVE)
         return;
+    memset(&v, 0, sizeof v);
+    if (err != EBADF) {
+        st = fl_tcp_state_seen(c->fd, &seen);
+        if (st == -EBADF)
+            err = EBADF;
+        if (st < 0)
+            st = -1;
+    }
+    fl_verdict_decide(err, st, seen, &v);
+    if (v.status == FL_ALIVE) {     /* the engine gave up all the same */
+        v.status = FL_ERROR;
+        v.err = err ? err : EIO;
+    }
+    if (err == EBADF)
+        v.flags |= FL_F_BEHIND_BACK;
+    v.method = method;
     if (c->ping_sent_us)
         hb->st.misses++;        /* the last PING went unanswered */
     epoll_ctl(hb->epfd, EPOLL_CTL_DEL, c->fd, NULL); /* EBADF if closed: fine */
     wheel_unlink(hb, i);
     c->state = C_DEAD;
-    c->death.status = status;
-    c->death.err = err;
-    c->death.method = method;
-    c->death.tcp_state = -1;
-    c->death.flags = 0;
-    if (c->fd >= 0) {
-        int st = fl_tcp_state(c->fd);
-        c->death.tcp_state = st >= 0 ? st : -1;
-    }
+    c->death = v;
     c->silent_us = silent_us < 0 ? 0 : silent_us;
     c->detected_us = mono_us();
     c->next = NIL;
@@ -317,16 +332,6 @@ static void conn_die(struct fl_hb *hb, int32_t i, int status, int err, int metho
     hb->queued++;
     hb->st.deaths++;
     signal_deaths(hb);
-}
-
-static void die_errno(struct fl_hb *hb, int32_t i, int err, int method, int64_t now)
-{
-    struct conn *c = &hb->c[i];
-    int st = fl_status_of_errno(err);
-
-    if (st == FL_ALIVE)      /* EAGAIN/EINTR never kill; defensive */
-        return;
-    conn_die(hb, i, st, err, method, now - c->last_heard_us);
 }
 
 /* Sends what is left of a partly sent frame.  1 = clear, 0 = still pending,
@@ -449,7 +454,7 @@ static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, i
         }
         r = send_frame(c, FL_HB_PONG, f->seq);
         if (r < 0)
-            die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
+            conn_die(hb, i, -r, 0, FL_M_HEARTBEAT, now - c->last_heard_us);
         else if (r > 0)
             hb->st.pings_answered++;
     } else {
@@ -516,8 +521,7 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
      * now (closed behind our back while a dup kept the old one open): read
      * nothing that is not ours. */
     if (!same_socket(&hb->c[i])) {
-        conn_die(hb, i, FL_INVALID, EBADF, FL_M_HEARTBEAT, now - hb->c[i].last_heard_us);
-        hb->c[i].death.tcp_state = -1;
+        conn_die(hb, i, EBADF, 0, FL_M_HEARTBEAT, now - hb->c[i].last_heard_us);
         return;
     }
     for (k = 0; k < READS_PER_EVENT && hb->c[i].state == C_LIVE; k++) {
@@ -526,26 +530,27 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
         if (n > 0) {
             int r;
             c->last_heard_us = now;
+            c->first_ping_us = 0;
             hb->st.bytes_received += (uint64_t)n;
             r = feed(hb, i, buf, (size_t)n, now);
             if (r < 0) {
-                conn_die(hb, i, FL_ERROR, -r, FL_M_HEARTBEAT, 0);
+                conn_die(hb, i, -r, FL_EV_DATA, FL_M_HEARTBEAT, 0);
                 return;
             }
             if ((size_t)n < sizeof buf)
                 return;
         } else if (n == 0) {
             if (c->rxlen)   /* EOF inside a frame */
-                conn_die(hb, i, FL_ERROR, EPROTO, FL_M_HEARTBEAT, now - c->last_heard_us);
+                conn_die(hb, i, EPROTO, FL_EV_EOF, FL_M_HEARTBEAT, now - c->last_heard_us);
             else
-                conn_die(hb, i, FL_PEER_CLOSED, 0, FL_M_EPOLL, now - c->last_heard_us);
+                conn_die(hb, i, 0, FL_EV_EOF, FL_M_EPOLL, now - c->last_heard_us);
             return;
         } else if (errno == EINTR) {
             continue;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
             return;
         } else {
-            die_errno(hb, i, errno, FL_M_EPOLL, now);
+            conn_die(hb, i, errno, 0, FL_M_EPOLL, now - c->last_heard_us);
             return;
         }
     }
@@ -595,21 +600,10 @@ static void on_shared_event(struct fl_hb *hb, int32_t i, uint32_t ev, int64_t no
 
     if (silent >= 0)
         shared_heard(c, now, silent, bytes);
-    if (ev & EPOLLERR) {
-        int err = take_so_error(c->fd);
-        if (err) {
-            die_errno(hb, i, err, FL_M_EPOLL, now);
-            if (c->state == C_LIVE)
-                conn_die(hb, i, FL_ERROR, err, FL_M_EPOLL, now - c->last_heard_us);
-            return;
-        }
-    }
-    if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) {
-        conn_die(hb, i, st == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED, 0, FL_M_EPOLL,
+    if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+        conn_die(hb, i, (ev & EPOLLERR) ? take_so_error(c->fd) : 0,
+                 (int)(ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)), FL_M_EPOLL,
                  now - c->last_heard_us);
-        if (!(ev & EPOLLHUP) && c->state == C_DEAD)
-            c->death.flags |= FL_F_WRITE_OPEN;
-    }
 }
 
 /* Lateness of a deadline: from its tick boundary to now. */
@@ -637,7 +631,7 @@ static int64_t silence_at(struct fl_hb *hb, int32_t i, int64_t now)
         return now - c->last_heard_us;
     s = shared_silence(c->fd, &st, &bytes);
     if (s < 0) {
-        conn_die(hb, i, FL_INVALID, (int)-s, FL_M_HEARTBEAT, now - c->last_heard_us);
+        conn_die(hb, i, (int)-s, 0, FL_M_HEARTBEAT, now - c->last_heard_us);
         return -1;
     }
     /* life counts from fl_hb_add on: an old idle stretch is no miss */
@@ -664,9 +658,7 @@ static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silenc
     }
     r = may ? send_frame(c, FL_HB_PING, (uint16_t)(c->seq + 1)) : 0;
     if (r < 0) {
-        die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
-        if (hb->c[i].state == C_LIVE)
-            conn_die(hb, i, FL_ERROR, -r, FL_M_HEARTBEAT, silence);
+        conn_die(hb, i, -r, 0, FL_M_HEARTBEAT, silence);
         return -1;
     }
     if (r > 0) {
@@ -676,6 +668,8 @@ static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silenc
         c->ping_seq = c->seq;
         c->ping_sent_us = now;
         c->ping_due_us = due;
+        if (!c->first_ping_us)
+            c->first_ping_us = now;
         hb->st.pings_sent++;
     } else {
         hb->st.pings_skipped++;
@@ -691,6 +685,31 @@ static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silenc
     if (next > c->last_heard_us + limit)
         next = c->last_heard_us + limit;
     return next;
+}
+
+/* Whether a silent dedicated connection had a fair chance: a PING of ours
+ * sent since the last byte heard, unanswered for a whole interval.  When this thread itself ran late (the
+ * machine did not schedule it), the PING that should have gone out earlier
+ * is sent now, and the peer gets an interval to answer it: a late engine
+ * never blames the peer for its own lateness.  (Shared connections cannot
+ * see PONGs and may skip PINGs; they are judged on silence alone.)
+ * Returns 1 to judge now, 0 when rescheduled (or dead sending). */
+static int fair_chance(struct fl_hb *hb, int32_t i, int64_t now, int64_t silence)
+{
+    struct conn *c = &hb->c[i];
+
+    if ((c->flags & FL_HB_SHARED)
+        || (c->first_ping_us && now - c->first_ping_us >= c->interval_us))
+        return 1;
+    if (!c->first_ping_us) {
+        if (ping_now(hb, i, now, silence) < 0)
+            return 0;                       /* died sending it */
+        if (!c->first_ping_us)
+            return 1;                       /* send queue full: not reading us */
+    }
+    hb->st.graced++;
+    wheel_schedule(hb, i, c->first_ping_us + c->interval_us);
+    return 0;
 }
 
 /* Connection i's deadline came due: heard recently -> reschedule; silent
@@ -710,12 +729,14 @@ static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
          * silence is then our doing.  Both clocks restart. */
         hb->st.withheld++;
         c->last_heard_us = c->quiet_since_us = now;
-        c->ping_sent_us = 0;
+        c->ping_sent_us = c->first_ping_us = 0;
         wheel_schedule(hb, i, now + c->interval_us);
         return;
     }
     if (silence >= c->interval_us * c->misses) {
-        conn_die(hb, i, FL_TIMED_OUT, ETIMEDOUT, FL_M_HEARTBEAT, silence);
+        if (!fair_chance(hb, i, now, silence))
+            return;
+        conn_die(hb, i, ETIMEDOUT, FL_EV_EXPIRED, FL_M_HEARTBEAT, silence);
         return;
     }
     quiet = now - c->quiet_since_us;
@@ -853,14 +874,14 @@ static void *engine_thread(void *arg)
 
 /* ---- collecting ----------------------------------------------------- */
 
-/* 0, or the error every call returns: -ECHILD in a forked child (the
- * thread and the queue belong to the parent), -ESHUTDOWN after close. */
+/* 0, or the error every call returns: -FL_E_FORKED in a forked child (the
+ * thread and the queue belong to the parent). */
 static int unusable(const struct fl_hb *hb)
 {
     if (!hb)
         return -EINVAL;
-    if (hb->pid != getpid())
-        return -ECHILD;
+    if (hb->forkgen != fl_fork_generation())
+        return -FL_E_FORKED;
     return 0;
 }
 
@@ -1072,7 +1093,7 @@ int fl_hb_new(int tick_ms, int capacity, struct fl_hb **out)
     if (!hb)
         return -ENOMEM;
     hb->epfd = hb->tfd = hb->evfd = hb->wakefd = -1;
-    hb->pid = getpid();
+    hb->forkgen = fl_fork_generation();
     hb->free_head = hb->dead_head = hb->dead_tail = NIL;
     for (s = 0; s < NSLOTS; s++)
         hb->head[s] = NIL;
@@ -1129,7 +1150,7 @@ void fl_hb_free(struct fl_hb *hb)
 {
     if (!hb)
         return;
-    if (hb->pid == getpid()) {
+    if (hb->forkgen == fl_fork_generation()) {
         if (hb->running)
             (void)fl_hb_close(hb);
         pthread_mutex_destroy(&hb->mu);
@@ -1184,8 +1205,7 @@ static int adopt_fd(struct fl_hb *hb, int fd, uint64_t *cookie, uint64_t *ino)
          * registration dies (INVALID, EBADF; its own token tells the
          * caller which socket that was) and the new socket takes the
          * number. */
-        conn_die(hb, i, FL_INVALID, EBADF, FL_M_HEARTBEAT, mono_us() - old->last_heard_us);
-        old->death.tcp_state = -1;      /* fd now names another socket */
+        conn_die(hb, i, EBADF, 0, FL_M_HEARTBEAT, mono_us() - old->last_heard_us);
     }
     /* A death not yet collected keeps its record; conn_free() of it leaves
      * the fd map alone once the number is the new socket's. */
@@ -1211,7 +1231,7 @@ static void init_conn(struct fl_hb *hb, int32_t i, int fd, int interval_ms, int 
     c->slot = -1;
     c->interval_us = (int64_t)interval_ms * 1000;
     c->last_heard_us = c->quiet_since_us = now;
-    c->ping_sent_us = c->ping_due_us = 0;
+    c->ping_sent_us = c->ping_due_us = c->first_ping_us = 0;
     c->seq = c->ping_seq = 0;
     c->rxlen = c->txlen = 0;
     c->collided = 0;

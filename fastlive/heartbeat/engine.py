@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .. import _registry
-from .._lib import SocketLike, check_rc, count, fd_of, ffi, lib, timeout_ms, to_units
+from .._lib import (FORKED_RC, SocketLike, check_rc, count, fd_of, ffi, forked_error, lib,
+                   timeout_ms, to_units)
 from ..verdict import Verdict
 
 __all__ = ["HeartbeatDeath", "RttSample", "EngineStats", "HeartbeatEngine"]
@@ -51,6 +52,7 @@ class EngineStats:
     pings_answered: int      #: the peer's PINGs this end answered
     misses: int              #: PINGs with no answer before the next PING or the death
     withheld: int            #: PINGs/PONGs not sent because the application made no progress
+    graced: int              #: deaths put off because this engine's own PING went out late
     frames_received: int
     bytes_received: int
     timer_fires: int         #: deadlines served
@@ -124,6 +126,7 @@ class HeartbeatEngine:
         # deaths taken from C but not yet handed to a caller (a signal
         # handler raised in between): the next wait() returns them first
         self._carry: List[HeartbeatDeath] = []
+        self._forgetting: List[Tuple[int, HeartbeatDeath]] = []
         self.rtt: Deque[RttSample] = deque(maxlen=rtt_samples)
         #: deaths by (status, method) and detection times, for the exporters
         self.counters = _registry.DeathCounters()
@@ -134,10 +137,8 @@ class HeartbeatEngine:
     def _live(self) -> Any:
         hb = self._hb
         if os.getpid() != self._pid:
-            raise RuntimeError(
-                f"this HeartbeatEngine belongs to process {self._pid}; it cannot be used in "
-                f"a forked child (pid {os.getpid()}): its thread runs only in the parent. "
-                "Create a new engine in the child.")
+            # the engine thread runs only in the parent; nothing is touched
+            raise forked_error("this HeartbeatEngine", self._pid)
         if hb is None:
             raise ValueError("the engine is closed")
         return hb
@@ -145,8 +146,8 @@ class HeartbeatEngine:
     def _rc(self, rc: int) -> int:
         if rc == -_errno.ESHUTDOWN:
             raise ValueError("the engine is closed")
-        if rc == -_errno.ECHILD:
-            self._live()
+        if rc == FORKED_RC:
+            raise forked_error("this HeartbeatEngine", self._pid)
         return check_rc(rc)
 
     def close(self) -> None:
@@ -310,10 +311,14 @@ class HeartbeatEngine:
                 # caller has them: a signal handler raising after the commit
                 # (CPython runs handlers only between bytecodes that check
                 # for them, e.g. right after a call) cannot lose them.
+                self._forgetting = list(zip(toks, deaths))
                 self._carry = deaths
                 self._rc(lib.fl_hb_commit(hb, k))
-                for tok, d in zip(toks, deaths):
-                    self._forget(tok, d)
+            # idempotent, so a raise half-way is finished by the next call
+            pend = self._forgetting
+            while pend:
+                self._forget(*pend[-1])
+                pend.pop()
         # no handler can run between these two stores: a death is handed out once
         out = self._carry
         self._carry = []
@@ -335,7 +340,9 @@ class HeartbeatEngine:
 
     def _forget(self, tok: int, d: HeartbeatDeath) -> None:
         # under _lock, once the death is committed: the registration is gone
-        if self._reg.pop(tok, None) is not None and self._by_fd.get(d.fd) == tok:
+        if self._reg.pop(tok, None) is None:
+            return
+        if self._by_fd.get(d.fd) == tok:
             del self._by_fd[d.fd]
         self.counters.record(int(d.verdict.status), int(d.verdict.method), d.silent)
 
@@ -355,7 +362,7 @@ class HeartbeatEngine:
         buckets = tuple((b, int(st.rtt_hist[i])) for i, b in enumerate(_RTT_BOUNDS))
         return EngineStats(
             st.conns, st.queued, st.pings_sent, st.pings_skipped, st.pongs_received,
-            st.pings_answered, st.misses, st.withheld, st.frames_received, st.bytes_received,
+            st.pings_answered, st.misses, st.withheld, st.graced, st.frames_received, st.bytes_received,
             st.timer_fires, st.wakeups, st.coalesced, st.deaths, st.rtt_dropped,
             buckets, st.rtt_sum_us / 1e6, st.late_max_us / 1e6,
             (st.late_sum_us / st.late_count / 1e6) if st.late_count else 0.0,
