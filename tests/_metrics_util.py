@@ -23,6 +23,9 @@ def wait_deaths(mon: fastlive.Monitor, n: int, timeout: float = 10.0) -> List[An
     while len(out) < n and time.monotonic() < end:
         out += mon.wait(0.2)
     assert len(out) == n, f"expected {n} deaths, got {len(out)}: {out}"
+    # Monitor counts the deaths it returned when the caller's next wait()
+    # (or close()) acknowledges them, as an application's loop does.
+    assert mon.wait(0) == []
     return out
 
 
