@@ -478,8 +478,10 @@ static int behind_back(struct fl_monitor *m, int slot, int events)
     d.err = EBADF;
     d.flags |= FL_F_BEHIND_BACK;
     d.events = events;
+    if (queue_push(m, &d) < 0)
+        return -ENOMEM;                 /* the slot stays: the audit finds it again */
     free_slot(m, slot);
-    return queue_push(m, &d);
+    return 0;
 }
 
 static int grow_slots(struct fl_monitor *m)
@@ -725,11 +727,21 @@ static int on_event(struct fl_monitor *m, const struct epoll_event *e)
     death_of(m, slot, &d);
     d.events = (int)e->events;
     classify(r, e->events, &d);
+    if (queue_push(m, &d) < 0) {
+        /* No memory for the death: re-arm the registration, so the kernel
+         * (level-triggered) reports it again to a later wait. */
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = INTEREST;
+        ev.data.u64 = e->data.u64;
+        epoll_ctl(m->epfd, EPOLL_CTL_MOD, r->fd, &ev);
+        return -ENOMEM;
+    }
     /* No EPOLL_CTL_DEL: ONESHOT already disarmed the registration, and the
      * kernel drops it when the socket closes (a syscall saved per death;
      * add() of the same socket again finds it and re-arms it with MOD). */
     free_slot(m, slot);
-    return queue_push(m, &d);
+    return 0;
 }
 
 /* Sleeps in epoll_wait (unlocked) until a death is queued, close() runs,
@@ -747,8 +759,9 @@ static int collect(struct fl_monitor *m, int timeout_ms)
         if (got == 0 && tmo == 0)
             return 0;
         pthread_mutex_lock(&m->lock);
-        for (i = 0, rc = 0; i < got && rc == 0; i++)
-            rc = on_event(m, &m->events[i]);
+        for (i = 0, rc = 0; i < got; i++)     /* every event, even after ENOMEM */
+            if (on_event(m, &m->events[i]) < 0)
+                rc = -ENOMEM;
         got = got == m->max_events && !rc;  /* array full: look again */
         rc = rc ? rc : (m->qlen > 0 || m->closing);
         pthread_mutex_unlock(&m->lock);
@@ -802,8 +815,7 @@ static int look(struct fl_monitor *m)
     if (got > 0) {
         pthread_mutex_lock(&m->lock);
         for (i = 0; i < got; i++)
-            if (on_event(m, &ev[i]) < 0)
-                break;                  /* -ENOMEM: the full path says so */
+            on_event(m, &ev[i]);        /* -ENOMEM re-arms: nothing lost */
         settle_wake(m);                 /* in case another thread is the waiter */
         pthread_mutex_unlock(&m->lock);
     }
@@ -834,11 +846,9 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
      * events stay readable in the set for the next call). */
     rc = queued ? 0 : collect(m, timeout_ms);
     pthread_mutex_lock(&m->lock);
-    if (!m->closing || m->closed == 0) {
-        n = m->qlen < max ? m->qlen : max;
-        if (n > 0)
-            memcpy(out, m->q + m->qhead, (size_t)n * sizeof *out);
-    }
+    n = m->qlen < max ? m->qlen : max;
+    if (n > 0)
+        memcpy(out, m->q + m->qhead, (size_t)n * sizeof *out);
     m->handed = n;
     if (n == 0)
         m->busy = 0;
