@@ -102,6 +102,7 @@ class Instruments:
         return None if self._sampler is None else self._sampler.sample()
 
     def close(self) -> None:
+        """From now on the callbacks report nothing; frees the census."""
         self._closed = True
         if self._sampler is not None:
             self._sampler.close()

@@ -79,6 +79,7 @@ class FastliveCollector:
 
     @property
     def machine(self) -> bool:
+        """Whether each scrape takes a census of the namespace's TCP sockets."""
         return self._sampler is not None
 
     def describe(self) -> Iterable[Metric]:

@@ -88,6 +88,7 @@ def enter_netns(name: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastlive exporter`` options."""
     parser.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                         help=f"where to serve /metrics (default {DEFAULT_LISTEN}; port 0: any "
                              "free port, printed at start)")
@@ -152,6 +153,8 @@ def _fail(msg: str, code: int = 1) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Serves /metrics until SIGTERM or Ctrl-C; 0, or 1/2 with a message on
+    stderr when it cannot listen, enter the namespace or take a census."""
     try:
         from prometheus_client import CollectorRegistry
     except ImportError:
