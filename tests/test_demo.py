@@ -38,6 +38,10 @@ def expected(method: str, failure: str, busy: bool):
         if method in ("keepalive", "user_timeout"):
             # a FIN is no error; the busy side's data draws an RST
             return ("RESET", EPIPE_OR_RESET, (0, FAST)) if busy else None
+        if method == "heartbeat" and failure == "kill":
+            # the killed peer's kernel sends RST instead of FIN when one of our
+            # PINGs sat unread in its receive queue (the engine pings on its own)
+            return ("PEER_CLOSED", "RESET"), {0, errno.ECONNRESET}, (0, FAST)
         return "PEER_CLOSED", {0}, (0, FAST)
     if failure == "rst":
         if method == "tcp_info":            # state CLOSE; the error stays in SO_ERROR
@@ -77,7 +81,8 @@ def test_cell_physics(matrix, method, failure, busy):
         return
     status, errnos, (lo, hi) = want
     assert c.detected, c
-    assert c.status == status and c.errno in errnos, c
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert c.status in statuses and c.errno in errnos, c
     assert c.after is not None and lo <= c.after <= hi, c
 
 
