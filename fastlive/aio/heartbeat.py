@@ -96,9 +96,13 @@ class LoopHeartbeat:
         """Stop heartbeating ``conn``; its future is cancelled.  False when
         it was not watched."""
         fd = resolve(conn, self._loop).fd
-        h = self._by_fd.get(fd)
+        h = self._by_fd.pop(fd, None)
         if h is None:
             return False
+        try:
+            self.engine.remove(h)
+        except (ValueError, OSError):
+            pass
         h.future.cancel()
         return True
 
