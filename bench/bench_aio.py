@@ -49,7 +49,7 @@ LOOPS = ("asyncio", "uvloop")
 def new_loop(kind: str) -> asyncio.AbstractEventLoop:
     if kind == "uvloop":
         import uvloop
-        return uvloop.new_event_loop()  # type: ignore[no-any-return]
+        return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 
 
@@ -377,7 +377,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def pct(k: str) -> float:
             r = gone[k]
-            return 100.0 * r["cpu"] / r["window"]
+            return 100.0 * float(r["cpu"]) / float(r["window"])
 
         row("cpu plain", lambda lp: f"{pct('plain/' + lp):.3f}%")
         row("cpu fastlive", lambda lp: f"{pct('fastlive/' + lp):.3f}%")
@@ -385,9 +385,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         row("watched", lambda lp: str(gone["fastlive/" + lp].get("watched")))
         for mode, who in (("fastlive", "peer_gone"), ("plain", "reader.read")):
             rs = {lp: gone[f"{mode}/{lp}"] for lp in loops}
-            row(f"{who} woke", lambda lp, rs=rs: f"{rs[lp]['woke']}/{rs[lp]['killed']}")
-            row(f"{who} spread ms", lambda lp, rs=rs: f"{rs[lp]['spread_ms']:.2f}")
-            row(f"{who} last-kill ms", lambda lp, rs=rs: f"{rs[lp]['last_ms']:.2f}")
+            print(f"  {who + ' woke':22s}"
+                  + "".join(f"{str(rs[lp]['woke']) + '/' + str(rs[lp]['killed']):>14s}"
+                            for lp in loops))
+            for key, label in (("spread_ms", "spread ms"), ("last_ms", "last-kill ms")):
+                print(f"  {who + ' ' + label:22s}"
+                      + "".join(f"{rs[lp][key]:>14.2f}" for lp in loops))
     if "hb" in parts:
         names = ["floor", "floor-spread"]
         for kind in ("LoopHeartbeat", "task-per-conn", "ws-style"):
