@@ -215,3 +215,41 @@ def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
             run(kind, main())
         lst_g.close()
         lst_p.close()
+
+
+def test_aiohttp_client_socket_factory(kind: str) -> None:
+    """A request outstanding on a server that then vanishes (blackhole): with
+    fastlive's socket factory the session's request fails within the bound;
+    without it the request is still waiting."""
+    aiohttp = pytest.importorskip("aiohttp", reason="pip install aiohttp")
+
+    with NetnsPair() as pair:
+        assert pair.peer is not None
+        url = f"http://{pair.addr_b}:{pair.peer.port}/"   # accepts, never answers
+
+        async def main() -> None:
+            timeout = aiohttp.ClientTimeout(total=None)
+            guarded = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
+                socket_factory=aio.socket_factory(within=BOUND)))
+            plain = aiohttp.ClientSession(timeout=timeout)
+            try:
+                g = asyncio.ensure_future(guarded.get(url))
+                p = asyncio.ensure_future(plain.get(url))
+                await asyncio.sleep(1.0)
+                assert not g.done() and not p.done()
+                await asyncio.to_thread(pair.blackhole)
+                t0 = time.monotonic()
+                with pytest.raises(aiohttp.ClientError):
+                    await asyncio.wait_for(g, BOUND + SLACK)
+                took = time.monotonic() - t0
+                assert took < BOUND + SLACK, took
+                assert not p.done(), "without fastlive the request should still be waiting"
+                p.cancel()
+                await asyncio.gather(p, return_exceptions=True)
+                print(f"\n{kind}: aiohttp request failed {took:.2f} s after the blackhole "
+                      f"(bound {BOUND} s); the plain session's is still waiting")
+            finally:
+                await guarded.close()
+                await plain.close()
+        with pair.inside_a():
+            run(kind, main())

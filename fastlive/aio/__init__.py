@@ -12,6 +12,8 @@ asyncio.
   with the verdict; :func:`guard_streams` / :func:`start_server` for
   ``asyncio.start_server`` and :func:`guard_protocol` for
   ``loop.create_server``: every accepted connection guarded.
+* :func:`socket_factory` - sockets armed with a bound before they connect,
+  for client drivers that make their own (aiohttp's ``TCPConnector``).
 * :class:`LoopHeartbeat` - the heartbeat engine's deaths delivered on the
   loop (its fd on the loop); the engine's own thread sends and answers the
   PINGs.
@@ -21,6 +23,7 @@ asyncpg/psycopg, aiohttp client sessions).
 """
 from __future__ import annotations
 
+from .client import socket_factory
 from .heartbeat import LoopHeartbeat
 from .server import OnGone, guard, guard_protocol, guard_streams, start_server
 from .target import check_within
@@ -31,5 +34,5 @@ __all__ = [
     "peer_gone", "watch", "LOCAL_CLOSE", "closed_locally", "verdict_of_exc",
     "LoopWatcher", "watcher_for", "check_within",
     "guard", "guard_streams", "guard_protocol", "start_server", "OnGone",
-    "LoopHeartbeat",
+    "LoopHeartbeat", "socket_factory",
 ]
