@@ -429,14 +429,20 @@ class HeartbeatPeerProcess:
     it makes ``count`` connections to ``lst`` (a listening loopback socket
     of this process), answers PINGs with the plain-Python peer (``engine=
     "py"``) or the C engine (``"c"``), and pings too when ``interval`` is
-    given.  :attr:`socks` are this side's accepted sockets."""
+    given.  ``busy=True`` (C engine only): once ready, the helper's Python
+    spins holding the GIL and never calls the engine, so only the engine's
+    own thread answers.  :attr:`socks` are this side's accepted sockets."""
 
     def __init__(self, lst: socket.socket, count: int = 1, *, engine: str = "py",
                  interval: Optional[float] = None, misses: int = 3,
-                 lifetime: float = 60.0, timeout: float = 10.0) -> None:
+                 lifetime: float = 60.0, timeout: float = 10.0, busy: bool = False) -> None:
+        if busy and engine != "c":
+            raise ValueError("busy=True needs engine='c' (the Python peer cannot answer while busy)")
         host, port = lst.getsockname()[:2]
         args = ["--connect", f"{host}:{port}", "--count", str(count),
                 "--lifetime", str(lifetime), "--engine", engine, "--misses", str(misses)]
+        if busy:
+            args.append("--busy")
         if interval is not None:
             args += ["--interval", str(interval)]
         self.proc: subprocess.Popen[bytes] = spawn("heartbeat", args, stdout=subprocess.PIPE)
