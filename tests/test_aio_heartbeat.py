@@ -124,12 +124,13 @@ PEER = textwrap.dedent("""
     async def main():
         s = socket.create_connection(("127.0.0.1", port))
         hb = aio.LoopHeartbeat()
-        fut = hb.add(s, 0.3, 3)
+        fut = hb.add(s, 1.0, 3)
         print("ready", flush=True)
         await asyncio.sleep(block_at)
         time.sleep(block_for)            # the loop blocked: no Python runs on it
         await asyncio.sleep(2.0)
         print("deaths", 1 if fut.done() else 0, flush=True)
+        await asyncio.sleep(5.0)         # keep the connection until the other end has looked
         hb.close()
         s.close()
     if kind == "uvloop":
@@ -145,8 +146,8 @@ PEER = textwrap.dedent("""
                    reason="needs the native-thread HeartbeatEngine (branch hb): the engine in "
                           "this tree sends PINGs only when the loop calls poll()")
 def test_blocked_loops_on_both_ends_cause_no_death(kind: str) -> None:
-    """Both ends run LoopHeartbeat (interval 0.3 s, 3 misses: dead after
-    0.9 s of silence) and both block their loop for 5 s at the same time."""
+    """Both ends run LoopHeartbeat (interval 1 s, 3 misses: dead after 3 s
+    of silence) and both block their loop for 5 s at the same time."""
     with listener() as lst, contextlib.ExitStack() as stack:
         port = lst.getsockname()[1]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -163,13 +164,14 @@ def test_blocked_loops_on_both_ends_cause_no_death(kind: str) -> None:
 
         async def main() -> None:
             with aio.LoopHeartbeat() as hb:
-                fut = hb.add(conn, 0.3, 3)
+                fut = hb.add(conn, 1.0, 3)
                 await asyncio.sleep(1.0)
                 time.sleep(5.0)             # this loop blocked too
                 await asyncio.sleep(2.0)
-                assert not fut.done(), fut.result().verdict
+                assert not fut.done(), (fut.result(), hb.engine.stats())
                 st = hb.engine.stats()
-                assert st.pongs_received > 0 and st.pings_answered > 0
+                # idle-only: one end's PINGs keep the other quiet, so either may answer
+                assert st.pongs_received + st.pings_answered > 0
         run(kind, main())
         out = proc.stdout.readline().split()
         assert out == ["deaths", "0"], out
