@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Callable, Coroutine, List, Tuple
@@ -496,3 +497,15 @@ def test_ssl_transport_works(run: Runner, tmp_path: Any) -> None:
             cw.close()
             srv.close()
     run(main())
+
+
+def test_import_fastlive_does_not_import_asyncio() -> None:
+    """fastlive.aio is imported explicitly; plain ``import fastlive`` stays
+    free of asyncio."""
+    code = ("import sys, fastlive; assert 'asyncio' not in sys.modules, 'asyncio'; "
+            "assert 'fastlive.aio' not in sys.modules; import fastlive.aio; "
+            "assert 'asyncio' in sys.modules")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert out.returncode == 0, out.stderr

@@ -120,6 +120,7 @@ def test_killed_peer_and_close(kind: str) -> None:
 PEER = textwrap.dedent("""
     import asyncio, socket, sys, time
     kind, port, block_at, block_for = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    after = float(sys.argv[5]) if len(sys.argv) > 5 else 2.0
     import fastlive.aio as aio
     async def main():
         s = socket.create_connection(("127.0.0.1", port))
@@ -128,7 +129,7 @@ PEER = textwrap.dedent("""
         print("ready", flush=True)
         await asyncio.sleep(block_at)
         time.sleep(block_for)            # the loop blocked: no Python runs on it
-        await asyncio.sleep(2.0)
+        await asyncio.sleep(after)
         print("deaths", 1 if fut.done() else 0, flush=True)
         await asyncio.sleep(5.0)         # keep the connection until the other end has looked
         hb.close()
@@ -175,3 +176,34 @@ def test_blocked_loops_on_both_ends_cause_no_death(kind: str) -> None:
         run(kind, main())
         out = proc.stdout.readline().split()
         assert out == ["deaths", "0"], out
+
+
+@pytest.mark.slow
+def test_progress_makes_a_wedged_loop_look_dead(kind: str) -> None:
+    """Opt-in: LoopHeartbeat(progress=1): this loop stuck for 5 s stops
+    vouching for itself, so the peer (a healthy loop) declares it dead."""
+    with listener() as lst, contextlib.ExitStack() as stack:
+        port = lst.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.Popen([sys.executable, "-c", PEER, kind, str(port), "0", "0", "8"],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        stack.callback(proc.wait, 10)
+        stack.callback(proc.kill)
+        assert proc.stdout is not None
+        stack.callback(proc.stdout.close)
+        lst.settimeout(BOUND)
+        conn, _ = lst.accept()
+        stack.callback(conn.close)
+        assert proc.stdout.readline().strip() == "ready"
+
+        async def main() -> None:
+            with pytest.raises(ValueError, match="progress"):
+                aio.LoopHeartbeat(progress=0)
+            with aio.LoopHeartbeat(progress=1.0) as hb:
+                hb.add(conn, 1.0, 3)
+                await asyncio.sleep(1.0)
+                time.sleep(5.0)             # wedged
+                await asyncio.sleep(0.1)
+        run(kind, main())
+        out = proc.stdout.readline().split()
+        assert out == ["deaths", "1"], out

@@ -44,28 +44,54 @@ class LoopHeartbeat:
 
     ``LoopHeartbeat()`` makes (and owns) an engine; pass ``engine=`` to use
     one of your own (it is then not closed by :meth:`close`).  Create it
-    inside the running loop (or pass ``loop``).  :meth:`add` returns a future
+    inside the running loop (or pass ``loop``).
+
+    A blocked loop is no death: the engine's thread sends and answers the
+    PINGs.  To have a *wedged* loop look dead to the peers, pass
+    ``progress`` (seconds): the loop tells the engine it runs every
+    ``progress / 4`` s, and the engine stops vouching for this end (no PINGs,
+    no PONGs) once the loop has been stuck for ``progress`` seconds.  :meth:`add` returns a future
     whose result is the :class:`~fastlive.heartbeat.HeartbeatDeath`; cancel
     it, or call :meth:`remove`, to stop.  :meth:`close` removes the reader
     and cancels the futures still pending: no callback runs after it.
     """
 
     def __init__(self, engine: Optional[HeartbeatEngine] = None, *, tick: float = 0.01,
+                 progress: Optional[float] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         self._loop = loop if loop is not None else _running_loop("LoopHeartbeat()")
+        if progress is not None:
+            if isinstance(progress, bool) or not isinstance(progress, (int, float)):
+                raise TypeError(f"progress must be seconds or None, got {type(progress).__name__}")
+            if not 0.01 <= progress <= 3600:
+                raise ValueError(f"progress must be 0.01..3600 seconds, got {progress!r}")
+        self._progress = progress
         self._own = engine is None
         self.engine = engine if engine is not None else HeartbeatEngine(tick=tick)
         self._fd = self.engine.fileno()
         self._by_fd: Dict[int, _Handle] = {}
         self._closed = False
+        self._beat: Optional[asyncio.TimerHandle] = None
         self._loop.add_reader(self._fd, self._on_ready)
+        if progress is not None:
+            self._tell_progress()
+
+    def _tell_progress(self) -> None:
+        """The loop ran: tell the engine, and again in a quarter of ``progress``."""
+        self._beat = None
+        if self._closed or self._progress is None:
+            return
+        self.engine.progress()
+        self._beat = self._loop.call_later(self._progress / 4, self._tell_progress)
 
     def add(self, conn: Any, interval: float = 1.0, misses: int = 3, *, shared: bool = False,
+            rtt: bool = False,
             on_dead: Optional[OnDead] = None) -> asyncio.Future[HeartbeatDeath]:
         """Heartbeat ``conn`` (StreamWriter, transport, socket or fd) every
         ``interval`` s of silence; dead after ``interval * misses`` s without
         a byte (or at once on FIN/RST).  ``shared=True`` when the application
-        reads the connection too (see :mod:`fastlive.heartbeat`)."""
+        reads the connection too (see :mod:`fastlive.heartbeat`); ``rtt=True``
+        samples round trips into ``engine.rtt``."""
         if self._closed:
             raise ValueError("the LoopHeartbeat is closed")
         target = resolve(conn, self._loop)
@@ -75,7 +101,7 @@ class LoopHeartbeat:
             raise TypeError("on_dead must be callable or None")
         fut: asyncio.Future[HeartbeatDeath] = self._loop.create_future()
         h = _Handle(target.fd, conn, fut, on_dead)
-        self.engine.add(h, interval, misses, shared=shared)
+        self.engine.add(h, interval, misses, shared=shared, rtt=rtt, progress=self._progress)
         old = self._by_fd.get(target.fd)
         if old is not None and not old.future.done():
             old.future.cancel()
@@ -134,6 +160,9 @@ class LoopHeartbeat:
         if self._closed:
             return
         self._closed = True
+        if self._beat is not None:
+            self._beat.cancel()
+            self._beat = None
         try:
             self._loop.remove_reader(self._fd)
         except (RuntimeError, ValueError, OSError):
