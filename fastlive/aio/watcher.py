@@ -11,10 +11,11 @@ separately: the transport's protocol gets a wrapper around its
 ends), which first collects what the kernel already reported for the socket
 (a FIN that raced the close is still PEER_CLOSED) and otherwise resolves the
 watch with :data:`LOCAL_CLOSE`.  Where no wrapper can be set (a bare socket or
-fd, a protocol with ``__slots__``) the loop runs ``Monitor.verify()`` every
-:data:`VERIFY_EVERY` seconds while such watches exist: one C call that
-checks each registration's socket identity, so a closed (or reused) fd
-turns into :data:`LOCAL_CLOSE` too.  Either way a watch never outlives its
+fd, a protocol with ``__slots__``) the Monitor's own audit finds the close:
+while registrations exist its timerfd fires every 0.5 s and the wait that
+sees it checks the socket identity (SO_COOKIE) of the next 1024
+registrations, so a closed (or reused) fd turns into :data:`LOCAL_CLOSE`
+within 0.5 s x ceil(N / 1024).  Either way a watch never outlives its
 socket and never fires for another socket that got the same fd number.
 
 When the last watch of a loop ends, the reader is removed and the Monitor
@@ -36,7 +37,7 @@ from ..monitor import Death, Monitor
 from ..verdict import Flag, Method, Status, Verdict
 from .target import Target, check_within, resolve
 
-__all__ = ["LOCAL_CLOSE", "VERIFY_EVERY", "LoopWatcher", "closed_locally", "watcher_for",
+__all__ = ["LOCAL_CLOSE", "LoopWatcher", "closed_locally", "watcher_for",
            "watch", "peer_gone", "verdict_of_exc"]
 
 log = logging.getLogger("fastlive.aio")
@@ -44,9 +45,6 @@ log = logging.getLogger("fastlive.aio")
 #: The verdict for a connection closed on this side while it was watched
 #: (the transport closed or aborted, or the socket / fd closed).
 LOCAL_CLOSE = Verdict(Status.CLOSED, Method.EPOLL, _errno.EBADF)
-
-#: Seconds between identity sweeps while watches without a close hook exist.
-VERIFY_EVERY = 1.0
 
 _EXC_STATUS = {
     _errno.ECONNRESET: Status.RESET, _errno.ECONNABORTED: Status.RESET,
@@ -165,8 +163,7 @@ class LoopWatcher:
         self._reader_fd = -1
         self._by_ident: Dict[Tuple[int, int], _Watch] = {}
         self._by_fd: Dict[int, _Watch] = {}
-        self._unhooked = 0
-        self._sweep: Optional[asyncio.TimerHandle] = None
+        self._unhooked = 0      # watches without a close hook (the Monitor's audit covers them)
 
     # -- the Monitor on the loop -------------------------------------------
     def _monitor(self) -> Monitor:
@@ -185,9 +182,6 @@ class LoopWatcher:
         if self._by_ident or self._mon is None:
             return
         mon, self._mon = self._mon, None
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
         try:
             self._loop.remove_reader(self._reader_fd)
         except (RuntimeError, ValueError, OSError):   # the loop is closed already
@@ -235,7 +229,6 @@ class LoopWatcher:
                 rec.proto, rec.hooked = target.protocol, True
             else:
                 self._unhooked += 1
-                self._start_sweep()
         elif within is not None:
             detect_within(fd, within)    # a second watcher with a bound: arm it too
         rec.futures.append(fut)
@@ -325,18 +318,6 @@ class LoopWatcher:
         if self._mon is not None and not rec.superseded:
             self._mon.remove(rec.fd)    # the transport closes the socket after this call
         self._finish(rec, verdict_of_exc(exc))
-
-    # -- sockets without a close hook -----------------------------------------
-    def _start_sweep(self) -> None:
-        if self._sweep is None:
-            self._sweep = self._loop.call_later(VERIFY_EVERY, self._run_sweep)
-
-    def _run_sweep(self) -> None:
-        self._sweep = None
-        if self._mon is None or not self._unhooked:
-            return
-        self._mon.verify()          # queues CLOSED/EBADF deaths; the fd wakes _on_ready
-        self._start_sweep()
 
 
 _watchers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopWatcher] = (
