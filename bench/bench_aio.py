@@ -156,9 +156,15 @@ def role_hb_aio(a: argparse.Namespace) -> Dict[str, Any]:
         await asyncio.sleep(a.seconds)
         c1, w1 = bhb.cpu_now(), time.monotonic()
         st = hb.engine.stats()
+        why: Dict[str, int] = {}
+        for f in deaths:
+            if not f.cancelled():
+                k = str(f.result().verdict)
+                why[k] = why.get(k, 0) + 1
         res.update(cpu=c1 - c0, window=w1 - w0, pings=st.pings_sent, pongs=st.pongs_received,
                    late_max=st.late_max, late_mean=st.late_mean, deaths=len(deaths),
-                   deaths_in_window=len(deaths) - d0)
+                   deaths_in_window=len(deaths) - d0, why=why, misses=st.misses,
+                   graced=st.graced, skipped=st.pings_skipped)
         if block is not None:
             block.cancel()
             await asyncio.gather(block, return_exceptions=True)
