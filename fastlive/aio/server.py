@@ -157,6 +157,8 @@ class _GuardedProtocol(asyncio.Protocol):
         self._fl_inner.resume_writing()
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_fl_"):       # not set up (yet): no recursion
+            raise AttributeError(name)
         return getattr(self._fl_inner, name)
 
 
