@@ -465,7 +465,8 @@ def role_engine(a: argparse.Namespace) -> Dict[str, Any]:
     st = eng.stats()
     deaths += len(eng.wait(0))
     if a.gil_busy:          # the engine thread's share: the process minus the spinner
-        c1 -= m1 - m0
+        # (process and thread clocks tick separately: tiny negative -> 0)
+        c1 = max(c0, c1 - (m1 - m0))
     eng.close()
     for s in socks:
         s.close()

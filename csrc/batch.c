@@ -32,6 +32,7 @@ struct batch_priv {
     int *badlist;            /* [nbad] entries bad at build (ascending) */
     int *scratch;            /* [cap] good entries found dead by a sweep */
     uint8_t *bad;            /* [cap] build-time marks */
+    short *lastrev;          /* [cap] revents behind each entry's poll verdict */
     unsigned int gen;        /* fl_fork_generation() when built */
 };
 
@@ -121,6 +122,7 @@ static int reserve(struct fl_batch *b, int n)
     GROW(pv->badlist);
     GROW(pv->scratch);
     GROW(pv->bad);
+    GROW(pv->lastrev);
     if (b->info)
         GROW(b->info);
 #undef GROW
@@ -225,6 +227,7 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
             pv->pfd[ng].fd = fds[i];
             pv->pfd[ng].events = POLLIN | POLLRDHUP;
             pv->pfd[ng].revents = 0;
+            pv->lastrev[ng] = 0;
             pv->map[ng++] = i;
         }
     }
@@ -272,6 +275,7 @@ void fl_batch_free(struct fl_batch *b)
         free(pv->badlist);
         free(pv->scratch);
         free(pv->bad);
+        free(pv->lastrev);
         free(pv);
     }
     free(b->fds);
@@ -353,6 +357,16 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
             set_alive(b, i);
             continue;
         }
+        /* A hangup seen by the last poll sweep with the same bits: its
+         * verdict stands (a FIN or an RST does not go away) and costs no
+         * syscall.  Our own SHUT_RD is re-decided: the peer's FIN may have
+         * come since, with the same bits. */
+        if (rev == pv->lastrev[j] && b->method == FL_M_POLL &&
+            b->status[i] != FL_ALIVE && !(b->flags[i] & FL_F_LOCAL_SHUTDOWN)) {
+            pv->scratch[ng++] = i;
+            continue;
+        }
+        pv->lastrev[j] = rev;
         poll_verdict(b, i, rev);
         if (b->status[i] != FL_ALIVE)
             pv->scratch[ng++] = i;
@@ -420,6 +434,13 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
             continue;
         }
         b->info_len[i] = (uint32_t)len;
+        if (len >= 1 && ti->tcpi_state == TCP_ESTABLISHED) {
+            b->tcp_state[i] = TCP_ESTABLISHED;
+            b->status[i] = FL_ALIVE;
+            b->err[i] = 0;
+            b->flags[i] = fl_tcp_info_suspect(ti, (int)len) ? FL_F_SUSPECT : 0;
+            continue;
+        }
         if (len < 1)
             decide(b, i, EOPNOTSUPP, -1, 0, 0);
         else

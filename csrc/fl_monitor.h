@@ -28,6 +28,12 @@ enum fl_monitor_audit {
     FL_AUDIT_SLICE = 1024
 };
 
+/* fl_monitor_counts' table: deaths by [status][method]. */
+enum fl_monitor_counts {
+    FL_COUNT_STATUSES = 8,
+    FL_COUNT_METHODS = 16
+};
+
 struct fl_death {
     uint64_t token;          /* as returned by fl_monitor_add */
     int fd;                  /* the fd number when registered */
@@ -96,6 +102,10 @@ int *fl_monitor_ack_cell(struct fl_monitor *m);
  * live as long as m; pass it before the first fl_monitor_poll. */
 void fl_monitor_set_out(struct fl_monitor *m, struct fl_death *out, int max);
 int  fl_monitor_poll(struct fl_monitor *m);
+/* Deaths the caller acknowledged (it has them), by status and method:
+ * copies FL_COUNT_STATUSES * FL_COUNT_METHODS counters, row-major, into
+ * out.  Readable after close. */
+void fl_monitor_counts(struct fl_monitor *m, uint64_t *out);
 /* Gives the deaths of the calling thread's last wait back to the queue
  * (unacknowledged) and ends its turn as the waiter; no-op otherwise. */
 void fl_monitor_abort(struct fl_monitor *m);

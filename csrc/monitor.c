@@ -103,7 +103,10 @@ struct fl_monitor {
     int byfd_cap;
     struct fl_death *q;    /* the deaths queue: q[qhead .. qhead + qlen) */
     int qhead, qlen, qcap;
+    uint64_t counts[FL_COUNT_STATUSES][FL_COUNT_METHODS];  /* acked deaths */
 };
+
+static void take_ack(struct fl_monitor *m);
 
 static uint64_t token_of(int slot, uint32_t gen)
 {
@@ -258,6 +261,8 @@ int fl_monitor_close(struct fl_monitor *m)
     }
     while (m->inwait)
         pthread_cond_wait(&m->left, &m->lock);
+    if (!m->closed)
+        take_ack(m);                 /* count what the caller already has */
     while (__atomic_load_n(&m->fast, __ATOMIC_SEQ_CST)) {
         /* a wait(0) look is a few microseconds: let it finish */
         struct timespec ts = { 0, 100000 };
@@ -337,18 +342,36 @@ static int queue_push(struct fl_monitor *m, const struct fl_death *d)
         }
     }
     m->q[m->qhead + m->qlen++] = *d;
-    if (m->qlen > m->handed)
-        wake_locked(m);
     return 0;
 }
 
-/* The caller's ack: its deaths leave the queue and its turn ends. */
+/* The eventfd's rule, applied after every change of the queue: readable
+ * while deaths wait that no caller holds (so selectors/asyncio see them),
+ * not readable otherwise.  While closing it stays readable. */
+static void settle_wake(struct fl_monitor *m)
+{
+    if (m->closing)
+        return;
+    if (m->qlen > m->handed)
+        wake_locked(m);
+    else if (m->wake_set)
+        unwake_locked(m);
+}
+
+/* The caller's ack: its deaths leave the queue (counted: the caller has
+ * them) and its turn ends. */
 static void take_ack(struct fl_monitor *m)
 {
-    int k = m->acked < m->handed ? m->acked : m->handed;
+    int i, k = m->acked < m->handed ? m->acked : m->handed;
 
     if (!m->acked)
         return;
+    for (i = 0; i < k; i++) {
+        const struct fl_death *d = &m->q[m->qhead + i];
+        if ((unsigned)d->status < FL_COUNT_STATUSES &&
+            (unsigned)d->method < FL_COUNT_METHODS)
+            m->counts[d->status][d->method]++;
+    }
     m->qhead += k;
     m->qlen -= k;
     if (!m->qlen)
@@ -361,6 +384,17 @@ static void take_ack(struct fl_monitor *m)
 int *fl_monitor_ack_cell(struct fl_monitor *m)
 {
     return &m->acked;
+}
+
+void fl_monitor_counts(struct fl_monitor *m, uint64_t *out)
+{
+    int forked = fl_monitor_forked(m);
+
+    if (!forked)
+        pthread_mutex_lock(&m->lock);
+    memcpy(out, m->counts, sizeof m->counts);
+    if (!forked)
+        pthread_mutex_unlock(&m->lock);
 }
 
 void fl_monitor_set_out(struct fl_monitor *m, struct fl_death *out, int max)
@@ -383,9 +417,8 @@ void fl_monitor_abort(struct fl_monitor *m)
     if (m->busy && !m->inwait && pthread_equal(m->owner, pthread_self())) {
         m->busy = 0;
         m->handed = 0;
-        if (m->qlen && !m->closing)
-            wake_locked(m);
     }
+    settle_wake(m);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -445,8 +478,10 @@ static int behind_back(struct fl_monitor *m, int slot, int events)
     d.err = EBADF;
     d.flags |= FL_F_BEHIND_BACK;
     d.events = events;
+    if (queue_push(m, &d) < 0)
+        return -ENOMEM;                 /* the slot stays: the audit finds it again */
     free_slot(m, slot);
-    return queue_push(m, &d);
+    return 0;
 }
 
 static int grow_slots(struct fl_monitor *m)
@@ -564,6 +599,7 @@ int fl_monitor_add(struct fl_monitor *m, int fd, int armed, uint64_t *token)
     if ((rc = enter(m)) < 0)
         return rc;
     rc = add_locked(m, fd, armed, cookie, ino, token);
+    settle_wake(m);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
@@ -628,6 +664,7 @@ int fl_monitor_verify(struct fl_monitor *m)
     if (rc < 0)
         return rc;
     rc = audit(m, &cursor, m->nregs);
+    settle_wake(m);
     pthread_mutex_unlock(&m->lock);
     return rc;
 }
@@ -690,11 +727,21 @@ static int on_event(struct fl_monitor *m, const struct epoll_event *e)
     death_of(m, slot, &d);
     d.events = (int)e->events;
     classify(r, e->events, &d);
+    if (queue_push(m, &d) < 0) {
+        /* No memory for the death: re-arm the registration, so the kernel
+         * (level-triggered) reports it again to a later wait. */
+        struct epoll_event ev;
+        memset(&ev, 0, sizeof ev);
+        ev.events = INTEREST;
+        ev.data.u64 = e->data.u64;
+        epoll_ctl(m->epfd, EPOLL_CTL_MOD, r->fd, &ev);
+        return -ENOMEM;
+    }
     /* No EPOLL_CTL_DEL: ONESHOT already disarmed the registration, and the
      * kernel drops it when the socket closes (a syscall saved per death;
      * add() of the same socket again finds it and re-arms it with MOD). */
     free_slot(m, slot);
-    return queue_push(m, &d);
+    return 0;
 }
 
 /* Sleeps in epoll_wait (unlocked) until a death is queued, close() runs,
@@ -702,7 +749,7 @@ static int on_event(struct fl_monitor *m, const struct epoll_event *e)
 static int collect(struct fl_monitor *m, int timeout_ms)
 {
     int64_t deadline = timeout_ms > 0 ? mono_ms() + timeout_ms : 0;
-    int tmo = m->qlen > m->handed ? 0 : timeout_ms;
+    int tmo = timeout_ms;
     int got, i, rc;
 
     for (;;) {
@@ -712,8 +759,9 @@ static int collect(struct fl_monitor *m, int timeout_ms)
         if (got == 0 && tmo == 0)
             return 0;
         pthread_mutex_lock(&m->lock);
-        for (i = 0, rc = 0; i < got && rc == 0; i++)
-            rc = on_event(m, &m->events[i]);
+        for (i = 0, rc = 0; i < got; i++)     /* every event, even after ENOMEM */
+            if (on_event(m, &m->events[i]) < 0)
+                rc = -ENOMEM;
         got = got == m->max_events && !rc;  /* array full: look again */
         rc = rc ? rc : (m->qlen > 0 || m->closing);
         pthread_mutex_unlock(&m->lock);
@@ -767,8 +815,8 @@ static int look(struct fl_monitor *m)
     if (got > 0) {
         pthread_mutex_lock(&m->lock);
         for (i = 0; i < got; i++)
-            if (on_event(m, &ev[i]) < 0)
-                break;                  /* -ENOMEM: the full path says so */
+            on_event(m, &ev[i]);        /* -ENOMEM re-arms: nothing lost */
+        settle_wake(m);                 /* in case another thread is the waiter */
         pthread_mutex_unlock(&m->lock);
     }
     __atomic_sub_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
@@ -778,7 +826,7 @@ static int look(struct fl_monitor *m)
 int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
                     struct fl_death *out, int max)
 {
-    int rc, n = 0;
+    int rc, queued, n = 0;
 
     if (fl_monitor_forked(m))
         return -FL_E_FORKED;
@@ -790,21 +838,21 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
         return 0;
     pthread_mutex_lock(&m->lock);
     rc = take_turn(m);
+    queued = m->qlen > 0;
     pthread_mutex_unlock(&m->lock);
     if (rc < 0)
         return rc;
-    rc = collect(m, timeout_ms);
+    /* Deaths already queued are returned at once (the kernel's newer
+     * events stay readable in the set for the next call). */
+    rc = queued ? 0 : collect(m, timeout_ms);
     pthread_mutex_lock(&m->lock);
-    if (!m->closing || m->closed == 0) {
-        n = m->qlen < max ? m->qlen : max;
-        if (n > 0)
-            memcpy(out, m->q + m->qhead, (size_t)n * sizeof *out);
-    }
+    n = m->qlen < max ? m->qlen : max;
+    if (n > 0)
+        memcpy(out, m->q + m->qhead, (size_t)n * sizeof *out);
     m->handed = n;
     if (n == 0)
         m->busy = 0;
-    if (m->wake_set && m->qlen == n && !m->closing)
-        unwake_locked(m);               /* all handed out: not readable */
+    settle_wake(m);
     m->inwait = 0;
     if (m->closing)
         pthread_cond_broadcast(&m->left);

@@ -32,11 +32,15 @@ Bad entries (negative fd, closed fd, not a socket, not TCP, listening,
 still connecting, the same fd twice) get an ``INVALID`` verdict when the
 batch is built (errno EBADF, ENOTSOCK, EOPNOTSUPP, EOPNOTSUPP, ENOTCONN,
 EEXIST) and are skipped by every sweep.  An fd closed after the build is
-``INVALID``/EBADF in the next sweep.  Build a new set with
+``INVALID``/EBADF in the next sweep, with ``Flag.BEHIND_BACK`` (in
+:meth:`Batch.dead` and :meth:`Batch.verdict`; the uint8 :attr:`Batch.flags`
+array cannot hold it) - what every engine reports for a socket closed
+behind its back.  Build a new set with
 :meth:`Batch.rebuild` when connections come and go.
 """
 from __future__ import annotations
 
+import errno
 import os
 from array import array
 from typing import (Any, Iterable, Iterator, List, Literal, NamedTuple,
@@ -53,6 +57,7 @@ __all__ = ["Batch", "Dead", "TcpInfoRecords"]
 _STATUS = {int(s): s for s in Status}   # members by value: cheaper than Status(v)
 _METHOD = {int(m): m for m in Method}
 _FLAGS = {i: Flag(i) for i in range(256)}
+_EBADF = errno.EBADF
 
 
 def _view(owner: Any, ptr: Any, nbytes: int,
@@ -187,6 +192,9 @@ class Batch:
         self._err = _view(b, b.err, 4 * n, "i")
         self._fds = _view(b, b.fds, 4 * n, "i")
         self._dead = _view(b, b.dead, 4 * n, "i")
+        # entries bad when built: an INVALID/EBADF elsewhere is an fd closed
+        # behind the batch's back (Flag.BEHIND_BACK, as the engines say it)
+        self._built_bad = frozenset(self._dead[:b.nbad])
 
     def _live(self) -> Any:
         if self._b is None:
@@ -319,10 +327,16 @@ class Batch:
         entry, none for live ones."""
         b = self._live()
         st, err, fds, new = self._status, self._err, self._fds, tuple.__new__
-        tcp, fl = self._state, self._flags
+        tcp = self._state
         m = _METHOD.get(b.method, Method.POLL)
-        return [new(Dead, (i, fds[i], _STATUS[st[i]], err[i], m, tcp[i], _FLAGS[fl[i]]))
+        return [new(Dead, (i, fds[i], _STATUS[st[i]], err[i], m, tcp[i], self._flag(i)))
                 for i in self._dead[:b.ndead]]
+
+    def _flag(self, i: int) -> Flag:
+        f = _FLAGS[self._flags[i]]
+        if self._err[i] == _EBADF and self._status[i] == Status.INVALID and i not in self._built_bad:
+            f = f | Flag.BEHIND_BACK
+        return f
 
     def verdict(self, i: int) -> Verdict:
         """Entry ``i``'s result as a :class:`Verdict` (made on request)."""
@@ -338,8 +352,7 @@ class Batch:
         state = TcpState.of(st) if st else None
         return Verdict(Status(self._status[i]),
                        Method(m) if m >= 0 else Method.TCP_INFO,
-                       self._err[i], state,
-                       Flag(self._flags[i]))
+                       self._err[i], state, self._flag(i))
 
     def __iter__(self) -> Iterator[Verdict]:
         for i in range(len(self)):

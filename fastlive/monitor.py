@@ -74,6 +74,7 @@ child's copies of the monitor's fds.
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
@@ -96,8 +97,13 @@ _BUSY = -lib.FL_E_BUSY
 # Enum members by value, looked up per death (an Enum call costs ~10x more).
 _STATUS = {int(s): s for s in Status}
 _METHOD = {int(m): m for m in Method}
-_FLAGS: Dict[int, Flag] = {}
+_FLAGS: Dict[int, Flag] = {0: Flag.NONE}
 _monotonic = time.monotonic
+#: struct fl_death as the C compiler lays it out (checked at import)
+_DEATH = struct.Struct("=Q7i4x")
+_DEATH_SIZE = _DEATH.size
+if _DEATH_SIZE != ffi.sizeof("struct fl_death") or ffi.offsetof("struct fl_death", "tcp_state") != 32:
+    raise ImportError("struct fl_death's layout changed: update monitor._DEATH")
 
 
 def _flag(bits: int) -> Flag:
@@ -132,6 +138,31 @@ class Death(NamedTuple):
 
 
 _NOKEY: Any = object()
+_NSTATUS, _NMETHOD = lib.FL_COUNT_STATUSES, lib.FL_COUNT_METHODS
+
+
+class _Counters(_registry.DeathCounters):
+    """The registry's counters for a Monitor: the deaths by (status,
+    method) are counted in C when the caller acknowledges them (so a death
+    returned again after an interrupted wait() is counted once, and wait()
+    pays nothing for it) and merged in by :meth:`snapshot`.  Epoll does not
+    say when a peer died: no detection times."""
+
+    __slots__ = ("_mon",)
+
+    def __init__(self, mon: Any) -> None:
+        super().__init__()
+        self._mon = mon
+
+    def snapshot(self) -> Tuple[Dict[Tuple[int, int], int], List[int], float, int]:
+        deaths, buckets, total, timed = super().snapshot()
+        counts = ffi.new("uint64_t[]", _NSTATUS * _NMETHOD)
+        lib.fl_monitor_counts(self._mon, counts)
+        for i in range(_NSTATUS * _NMETHOD):
+            if counts[i]:
+                key = (i // _NMETHOD, i % _NMETHOD)
+                deaths[key] = deaths.get(key, 0) + int(counts[i])
+        return deaths, buckets, total, timed
 
 
 class Monitor:
@@ -146,7 +177,7 @@ class Monitor:
     returns; more are returned by the next calls.
     """
 
-    __slots__ = ("_m", "_max", "_out", "_tok", "_ack", "_reg", "_lock", "_cwait", "_cpoll", "_abort",
+    __slots__ = ("_m", "_max", "_out", "_buf", "_tok", "_ack", "_reg", "_lock", "_cwait", "_cpoll", "_abort",
                  "_handed", "_closed", "_pid", "counters", "__weakref__")
 
     def __init__(self, max_events: int = 256) -> None:
@@ -157,6 +188,7 @@ class Monitor:
         self._m: Any = ffi.gc(ptr[0], lib.fl_monitor_free)
         self._max = max_events
         self._out = ffi.new("struct fl_death[]", max_events)
+        self._buf = ffi.buffer(self._out)
         self._tok = ffi.new("uint64_t *")
         self._ack = lib.fl_monitor_ack_cell(self._m)
         self._reg: Dict[int, Tuple[int, Any, SocketLike]] = {}
@@ -165,10 +197,11 @@ class Monitor:
         self._cpoll = lib.fl_monitor_poll
         lib.fl_monitor_set_out(self._m, self._out, max_events)
         self._abort = lib.fl_monitor_abort
-        self._handed: Optional[List[int]] = None   # tokens of the last deaths returned
+        # tokens of the deaths the last wait() returned
+        self._handed: Optional[List[int]] = None
         self._pid = os.getpid()
         self._closed = False
-        self.counters = _registry.DeathCounters()
+        self.counters: _registry.DeathCounters = _Counters(self._m)
         _registry.track(self)
 
     # -- errors ---------------------------------------------------------------
@@ -246,7 +279,7 @@ class Monitor:
             if key is _NOKEY:
                 toks = [self._token_for(m, sock)]   # type: ignore[arg-type]
             else:
-                toks = [t for t, (_fd, k, _o) in self._reg.items() if k is key or k == key]
+                toks = [t for t, (_fd, k, _o) in list(self._reg.items()) if k is key or k == key]
             done = False
             for tok in toks:
                 if tok and lib.fl_monitor_remove(m, tok) == 0:
@@ -315,22 +348,21 @@ class Monitor:
     def _deaths(self, n: int) -> Tuple[List[Death], List[int]]:
         """Death objects for the first n entries of the out array (the
         registrations stay in ``_reg`` until the next wait: if this is
-        interrupted, the same deaths come again, keys and all)."""
+        interrupted, the same deaths come again, keys and all).  The array
+        is read in one pass of struct.iter_unpack (a cffi field access per
+        value would cost more than the rest together)."""
         out: List[Death] = []
         toks: List[int] = []
-        reg, new, rec, buf = self._reg, tuple.__new__, self.counters.record, self._out
-        for i in range(n):
-            d = buf[i]
-            tok = d.token
+        reg, new, flags = self._reg, tuple.__new__, _FLAGS
+        for tok, fd, st, err, mth, fl, ev, tcp in _DEATH.iter_unpack(self._buf[:n * _DEATH_SIZE]):
             entry = reg.get(tok)
             if entry is None:
-                entry = self._late(tok, d.fd)
-            st, mth, fl = d.status, d.method, d.flags
-            out.append(new(Death, (entry[0], entry[1], _STATUS[st], d.err, _METHOD[mth],
-                                   _flag(fl & _FLAG_MASK), bool(fl & _BEHIND_BACK), d.events,
-                                   d.tcp_state, entry[2])))
+                entry = self._late(tok, fd)
+            f = fl & _FLAG_MASK
+            out.append(new(Death, (entry[0], entry[1], _STATUS[st], err, _METHOD[mth],
+                                   flags.get(f) or _flag(f), fl & _BEHIND_BACK != 0, ev, tcp,
+                                   entry[2])))
             toks.append(tok)
-            rec(st, mth, None)          # epoll does not say when the peer died
         return out, toks
 
     def _late(self, tok: int, fd: int) -> Tuple[int, Any, Any]:
@@ -339,11 +371,13 @@ class Monitor:
             return self._reg.get(tok, (fd, None, None))
 
     def _forget(self) -> None:
-        """Drop the entries of the deaths the last wait() returned."""
-        toks, reg = self._handed, self._reg
-        while toks:
-            reg.pop(toks.pop(), None)
+        """The deaths the last wait() returned reached the caller: drop
+        their registrations' entries."""
+        toks, pop = self._handed, self._reg.pop
         self._handed = None
+        if toks:
+            for tok in toks:
+                pop(tok, None)
 
     def verify(self) -> int:
         """Check every registration's socket identity (O(N) syscalls) and
@@ -389,6 +423,8 @@ class Monitor:
             return
         self._closed = True
         m = self._m
+        if self._handed:
+            self._forget()
         if lib.fl_monitor_forked(m):
             lib.fl_monitor_close(m)
             self._reg = {}

@@ -143,6 +143,9 @@ def test_closed_after_build(pairs):
     for kind in SWEEPS:
         assert sweep(b, kind) == 1
         assert b.dead()[0][2:4] == (Status.INVALID, 9), kind
+        assert b.dead()[0].flags & Flag.BEHIND_BACK and b.verdict(1).flags & Flag.BEHIND_BACK
+    bad = Batch([-1])
+    assert not bad.dead()[0].flags & Flag.BEHIND_BACK          # bad when built
 
 
 def test_empty_batch():

@@ -92,10 +92,13 @@ def test_local_stall_kills_nobody(engine: HeartbeatEngine, listener: socket.sock
         assert engine.wait(0.5) == []
         assert len(engine) == 20 and peer.proc.poll() is None
         # each end pings: one PING per interval per connection between both
-        # ends, so this end sent some and answered some, and got PONGs
+        # ends (15 rounds in the stall); an engine that needed the GIL would
+        # have exchanged none during a busy stall.  At least 5 rounds: a
+        # machine that starves the engine thread of CPU (see docs) may lose
+        # rounds, never the verdict.
         sent = during.pings_sent - before.pings_sent
         answered = during.pings_answered - before.pings_answered
-        assert sent + answered >= 20 * (STALL / INTERVAL) * 0.5, (before, during)
+        assert sent + answered >= 20 * 5, (before, during)
         # everything sent was answered, but for one PONG per connection in flight
         assert during.frames_received - before.frames_received >= sent + answered - 20
         assert during.deaths == 0
@@ -136,7 +139,7 @@ def test_answering_side_busy_python_answers(listener: socket.socket) -> None:
             eng.add(s, 3600.0, MISSES)      # answer only
         busy(STALL)
         st = eng.stats()
-        assert st.pings_answered >= 5 * (STALL / INTERVAL) * 0.5, st
+        assert st.pings_answered >= 5 * 5, st                 # 15 rounds; >= 5 under load
         assert peer.proc.poll() is None      # the py peer exits when all its connections died
         assert eng.wait(0.2) == []
 

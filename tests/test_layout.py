@@ -85,4 +85,4 @@ def test_readme_first_command_in_a_fresh_clone(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "ImportError" not in out.stderr and "PeerError" not in out.stderr
-    assert "killed" in out.stdout and "poll" in out.stdout
+    assert "SIGKILL" in out.stdout and "6 heartbeat" in out.stdout

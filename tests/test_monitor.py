@@ -360,6 +360,8 @@ def test_registry_counts_deaths(pairs):
         ps[0][1].close()
         rst(ps[1][1])
         assert len(collect(m, 2)) == 2
+        # counted once the caller has them: at the next wait() (or close())
+        assert m.wait(0) == []
         deaths, _b, _s, timed = m.counters.snapshot()
         assert deaths == {(int(Status.PEER_CLOSED), int(Method.EPOLL)): 1,
                           (int(Status.RESET), int(Method.EPOLL)): 1}

@@ -115,7 +115,7 @@ def test_returning_handler_waits_the_time_left(loopback_pair, alarm, which):
     result = call(0.6)
     took = time.monotonic() - t0
     disarm()
-    assert len(ran) >= 3, name                       # the handler ran each time
+    assert len(ran) >= 1, name                       # the handler ran (signals coalesce under load)
     assert 0.58 <= took < 0.6 + 0.5, (name, took)    # the whole timeout, not 3 x
     if isinstance(result, fastlive.Verdict):
         assert result.status in (Status.ALIVE, Status.TIMED_OUT)
@@ -124,15 +124,15 @@ def test_returning_handler_waits_the_time_left(loopback_pair, alarm, which):
 
 
 def test_monitor_loses_no_death_to_raising_handlers(loopback_pairs, alarm):
-    """40 deaths, collected 3 per wait() while a SIGALRM fires every 300 us
+    """80 deaths, collected 1 per wait() while a SIGALRM fires every 100 us
     and its handler raises whenever it runs inside wait() (in the C call's
     return or while wait() builds its list): every death arrives exactly
     once.  The test's own bookkeeping is outside the handler's reach (the
     gate), so what could lose a death is wait() alone."""
-    ps: List[Pair] = loopback_pairs(40)
+    ps: List[Pair] = loopback_pairs(80)
     got: List[int] = []
     interrupted = 0
-    with Monitor(max_events=3) as m:
+    with Monitor(max_events=1) as m:
         for i, (c, _) in enumerate(ps):
             m.add(c, key=i)
         for _, p in ps:
@@ -140,9 +140,9 @@ def test_monitor_loses_no_death_to_raising_handlers(loopback_pairs, alarm):
         time.sleep(0.05)
         _GATE[0] = False
         try:
-            alarm(0.0003, every=0.0003)
+            alarm(0.0001, every=0.0001)
             deadline = time.monotonic() + 20
-            while len(got) < 40 and time.monotonic() < deadline:
+            while len(got) < 80 and time.monotonic() < deadline:
                 try:
                     _GATE[0] = True
                     res = m.wait(0.05)
@@ -157,7 +157,7 @@ def test_monitor_loses_no_death_to_raising_handlers(loopback_pairs, alarm):
             _GATE[0] = True
         got.extend(d.key for d in m.wait(0.05))
         assert interrupted > 0
-        assert sorted(got) == list(range(40)), (len(got), interrupted)
+        assert sorted(got) == list(range(80)), (len(got), interrupted)
         assert len(m) == 0
 
 

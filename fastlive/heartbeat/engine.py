@@ -261,6 +261,7 @@ class HeartbeatEngine:
         return len(self._reg)
 
     def __contains__(self, sock: SocketLike) -> bool:
+        """Whether ``sock`` (that object, or that fd number) is registered."""
         with self._lock:
             return self._token_of(sock) is not None
 

@@ -157,10 +157,12 @@ class PeerProcess:
 
     @property
     def running(self) -> bool:
+        """Whether the helper process has not exited yet."""
         return self._proc.poll() is None
 
     @property
     def returncode(self) -> Optional[int]:
+        """The helper's exit status, None while it runs."""
         return self._proc.poll()
 
     # -- connections -------------------------------------------------------
@@ -395,6 +397,8 @@ class ManyPeers:
             self.proc.wait(self.timeout)
 
     def close(self) -> None:
+        """SIGKILL the holder (its kernel closes every peer socket) and close
+        the pipes; safe to call twice."""
         if self.proc is None:
             return
         try:
