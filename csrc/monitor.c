@@ -816,8 +816,7 @@ static int look(struct fl_monitor *m)
         pthread_mutex_lock(&m->lock);
         for (i = 0; i < got; i++)
             on_event(m, &ev[i]);        /* -ENOMEM re-arms: nothing lost */
-        settle_wake(m);                 /* in case another thread is the waiter */
-        pthread_mutex_unlock(&m->lock);
+        pthread_mutex_unlock(&m->lock); /* the caller hands them out (or wakes) */
     }
     __atomic_sub_fetch(&m->fast, 1, __ATOMIC_SEQ_CST);
     return got != 0;
@@ -839,6 +838,8 @@ int fl_monitor_wait(struct fl_monitor *m, int timeout_ms,
     pthread_mutex_lock(&m->lock);
     rc = take_turn(m);
     queued = m->qlen > 0;
+    if (rc < 0)
+        settle_wake(m);                 /* deaths look() queued go to the waiter */
     pthread_mutex_unlock(&m->lock);
     if (rc < 0)
         return rc;

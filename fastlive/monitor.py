@@ -328,7 +328,8 @@ class Monitor:
     def _wait_slow(self, m: Any, timeout: object) -> int:
         """wait() with a timeout, or after deaths were returned: validate,
         forget the last deaths' entries, call C, handle -EINTR."""
-        ms = timeout_ms(timeout)
+        cls = timeout.__class__
+        ms = 0 if (cls is float or cls is int) and not timeout else timeout_ms(timeout)
         t0 = _monotonic() if ms else 0.0
         if self._handed:
             self._forget()
