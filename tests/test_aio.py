@@ -227,6 +227,7 @@ def test_many_connections_only_the_dead_ones(run: Runner) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("network namespaces")
 @pytest.mark.skipif(NETNS is not None, reason=f"netns: {NETNS}")
 def test_silent_death_within_bound(run: Runner) -> None:
     """Link down: no FIN, no RST.  peer_gone(within=4) reports TIMED_OUT by

@@ -23,6 +23,7 @@ def bench(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("too slow emulated")
 def test_bench_gone_quick() -> None:
     out = bench("--parts", "gone")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -36,6 +37,7 @@ def test_bench_gone_quick() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("too slow emulated")
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the C peer and floor")
 def test_bench_heartbeat_quick() -> None:
     out = bench("--parts", "hb", "--n", "100", "--seconds", "1", "--warmup", "0.5")

@@ -143,6 +143,7 @@ PEER = textwrap.dedent("""
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("a 5 s stall measured against 1 s heartbeats: timing under emulation")
 @pytest.mark.xfail(not engine_has_own_thread(), strict=True,
                    reason="needs the native-thread HeartbeatEngine (branch hb): the engine in "
                           "this tree sends PINGs only when the loop calls poll()")
@@ -179,6 +180,7 @@ def test_blocked_loops_on_both_ends_cause_no_death(kind: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.no_qemu("a 5 s stall measured against 1 s heartbeats: timing under emulation")
 def test_progress_makes_a_wedged_loop_look_dead(kind: str) -> None:
     """Opt-in: LoopHeartbeat(progress=1): this loop stuck for 5 s stops
     vouching for itself, so the peer (a healthy loop) declares it dead."""

@@ -28,7 +28,7 @@ NETNS = netns_unavailable()
 BOUND = 5           # the detection bound the tests ask for (seconds)
 SLACK = 10.0        # a loaded 2-core machine
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.no_qemu("network namespaces and real servers"),
               pytest.mark.skipif(NETNS is not None, reason=f"netns: {NETNS}")]
 
 
