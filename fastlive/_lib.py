@@ -28,7 +28,10 @@ if _built != __version__:  # pragma: no cover - stale build
 
 
 class HasFileno(Protocol):
-    def fileno(self) -> int: ...
+    """Anything with a ``fileno()``: a socket, a file, a transport's socket."""
+
+    def fileno(self) -> int:
+        """The file descriptor number (-1 once closed)."""
 
 
 #: Anything the checks accept: a socket-like object or a file descriptor.

@@ -43,6 +43,8 @@ def check_so_error(sock: SocketLike) -> Verdict:
 
 
 class SendResult(NamedTuple):
+    """What :func:`send` did: bytes the kernel queued, and the verdict."""
+
     sent: int          #: bytes queued (0 on error)
     verdict: Verdict   #: RESET for EPIPE/ECONNRESET, TIMED_OUT for ETIMEDOUT...
 

@@ -104,10 +104,13 @@ class Verdict:
 
     @property
     def invalid(self) -> bool:
+        """Not a connected TCP socket (closed fd, pipe, UDP, listening, connecting)."""
         return self.status is Status.INVALID
 
     @property
     def suspect(self) -> bool:
+        """TCP_INFO says the sender is struggling (retransmits, probes, backoff,
+        or no ACK for more than 2 RTOs) while the state is still ESTABLISHED."""
         return bool(self.flags & Flag.SUSPECT)
 
     def __str__(self) -> str:
