@@ -200,6 +200,9 @@ class LoopWatcher:
 
     # -- watching ------------------------------------------------------------
     def watch(self, target: Target, within: Optional[float]) -> asyncio.Future[Verdict]:
+        """Register ``target`` (from :func:`~fastlive.aio.target.resolve`)
+        once per socket - one Monitor registration however many waiters -
+        and return a new future for this waiter."""
         fut: asyncio.Future[Verdict] = self._loop.create_future()
         if target.closing or target.fd < 0:
             fut.set_result(LOCAL_CLOSE)
