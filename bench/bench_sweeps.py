@@ -48,7 +48,7 @@ import cffi  # noqa: E402
 import fastlive  # noqa: E402
 from fastlive import Batch, Monitor, tcp_info  # noqa: E402
 from fastlive._lib import ffi as fl_ffi  # noqa: E402
-from fastlive._peerhold import PeerHolder, close_all  # noqa: E402
+from fastlive.testing import ManyPeers, close_all  # noqa: E402
 
 try:
     import psutil
@@ -213,7 +213,7 @@ def wait_dead(b: Batch, want: int, timeout: float = 10.0) -> int:
 def run_n(n: int, rounds: int, plain: Plain, target_ns: int,
           use_psutil: bool) -> Tuple[Dict[str, Dict[str, List[float]]], dict]:
     extra: dict = {}
-    with PeerHolder(timeout=60) as ph:
+    with ManyPeers(timeout=60) as ph:
         socks = ph.connect(n)
         try:
             ph.fin(socks[10::100])
@@ -291,7 +291,7 @@ def spin(seconds: float) -> None:
         pass
 
 
-def wait_with_deaths(ph: PeerHolder, mon: Monitor, n: int,
+def wait_with_deaths(ph: ManyPeers, mon: Monitor, n: int,
                      rounds: int) -> Dict[int, Tuple[float, float]]:
     """One Monitor.wait(0) collecting k deaths among N live: (median us per
     call, median ns per death) for a few k.  Each sample needs k fresh
@@ -332,7 +332,7 @@ def wait_with_deaths(ph: PeerHolder, mon: Monitor, n: int,
     return out
 
 
-def drain_deaths(ph: PeerHolder, live: List[socket.socket]) -> Dict[int, float]:
+def drain_deaths(ph: ManyPeers, live: List[socket.socket]) -> Dict[int, float]:
     """Steady state: a Monitor(max_events=k) watching the N live sockets
     and a backlog of 20 x k dead ones; each wait(0) returns k deaths.
     Median us per call, for k = 1 and 10."""
@@ -407,7 +407,7 @@ def rss() -> int:
 
 
 def memory_over_sweeps(n: int, sweeps: int) -> dict:
-    with PeerHolder(timeout=60) as ph:
+    with ManyPeers(timeout=60) as ph:
         socks = ph.connect(n)
         try:
             ph.fin(socks[10::100])

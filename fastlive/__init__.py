@@ -34,9 +34,8 @@ from .verdict import Flag, Method, Status, Verdict
 from .batch import Batch, Dead, TcpInfoRecords
 from .monitor import Death, Monitor
 
-# Method 6, the heartbeat engine; and the article's programs, ported.
+# Method 6, the heartbeat engine.
 from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample
-from .article import Noticed, run_client, run_server, stop_matrix
 
 _CHECKS: Dict[Method, Callable[[SocketLike], Verdict]] = {
     Method.PEEK: check_peek,
@@ -69,5 +68,4 @@ __all__ = [
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
     "Batch", "Dead", "TcpInfoRecords", "Monitor", "Death",
     "HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample",
-    "run_client", "run_server", "stop_matrix", "Noticed",
 ]

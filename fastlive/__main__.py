@@ -1,5 +1,6 @@
+"""``python -m fastlive``: the ``fastlive`` command."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

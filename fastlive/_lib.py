@@ -6,6 +6,9 @@ from typing import Protocol, Union
 
 from ._version import __version__
 
+__all__ = ["HasFileno", "SocketLike", "fd_of", "check_rc", "MAX_SECONDS", "seconds", "to_units", "count",
+           "timeout_ms"]
+
 try:
     from ._native import ffi as ffi, lib as lib
 except ImportError as exc:  # pragma: no cover - only on a broken install
@@ -64,12 +67,58 @@ def check_rc(rc: int) -> int:
     return rc
 
 
-def timeout_ms(timeout: float | None) -> int:
-    """Seconds (float) to the milliseconds poll() takes; None is refused:
-    every check in fastlive is bounded in time."""
+#: The longest wait any fastlive call accepts, in seconds (2**31 - 1 ms,
+#: about 24.8 days: what poll(2) and epoll_wait(2) take).  Longer values are
+#: refused with ValueError rather than silently capped.
+MAX_SECONDS = 0x7FFFFFFF / 1000.0
+
+
+def seconds(name: str, value: object, *, positive: bool = False,
+            maximum: float = MAX_SECONDS) -> float:
+    """The one validator for durations: ``value`` (int or float seconds, not
+    bool) must be finite, ``>= 0`` (``> 0`` with ``positive``) and
+    ``<= maximum``.  TypeError / ValueError name the parameter."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    v = float(value)
+    if v != v:
+        raise ValueError(f"{name} must be a number of seconds, got nan")
+    if positive and not v > 0:
+        raise ValueError(f"{name} must be > 0 seconds, got {value!r}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+    if v > maximum:
+        raise ValueError(f"{name} must be <= {maximum:g} seconds, got {value!r}")
+    return v
+
+
+def to_units(name: str, value: object, unit: float, *, positive: bool = False,
+             maximum: float = MAX_SECONDS) -> int:
+    """:func:`seconds`, converted to whole units of ``unit`` seconds (1e-3 for ms, 1e-6
+    for us), rounded *up*: a tiny positive duration becomes one unit, never
+    0 (which the kernel reads as "no timeout")."""
+    v = seconds(name, value, positive=positive, maximum=maximum)
+    n = int(-(-v // unit))          # ceil without float round-off past 2**53
+    if n * unit < v:
+        n += 1
+    if v > 0 and n == 0:
+        n = 1
+    return n
+
+
+def count(name: str, value: object, lo: int, hi: int) -> int:
+    """The one validator for counts: an int (not bool) in ``lo..hi``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def timeout_ms(timeout: object, name: str = "timeout") -> int:
+    """A timeout in seconds as the milliseconds poll()/epoll_wait() take,
+    rounded up (see :func:`to_units`).  None is refused: every wait in
+    fastlive is bounded in time."""
     if timeout is None:
-        raise ValueError("a timeout in seconds is required (checks never block forever)")
-    if timeout != timeout or timeout < 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    ms = int(timeout * 1000 + 0.999999)
-    return min(ms, 0x7FFFFFFF)
+        raise ValueError(f"{name}: a timeout in seconds is required (checks never block forever)")
+    return to_units(name, timeout, 1e-3)

@@ -30,6 +30,11 @@ import socket
 import threading
 from typing import Optional
 
+__all__ = [
+    "BASE_TCP_INFO_LENGTH", "tcp_info_length", "tcp_info_truncated", "emulator", "under_qemu",
+    "describe",
+]
+
 #: ``struct tcp_info`` up to ``tcpi_total_retrans``: what every Linux kernel
 #: since 2.6.x returns (the fields the UAPI header had in 2006).
 BASE_TCP_INFO_LENGTH = 104

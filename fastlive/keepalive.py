@@ -24,6 +24,12 @@ from typing import Optional
 
 from ._lib import SocketLike, check_rc, fd_of, ffi, lib
 
+__all__ = [
+    "DEFAULT_IDLE", "DEFAULT_INTERVAL", "DEFAULT_COUNT", "DEFAULT_RETRIES2", "BUSY_SLACK",
+    "KeepaliveSettings", "get_keepalive", "set_keepalive", "retransmit_timeout", "detection_time",
+    "read_sysctl_defaults", "Bound", "plan_within", "detect_within",
+]
+
 #: The kernel's own defaults (net.ipv4.tcp_keepalive_*), in seconds.
 DEFAULT_IDLE = 7200
 DEFAULT_INTERVAL = 75

@@ -17,6 +17,8 @@ from __future__ import annotations
 from ._lib import SocketLike, fd_of, lib, timeout_ms
 from .verdict import Verdict, new_c_verdict
 
+__all__ = ["FD_SETSIZE", "check_select", "check_poll"]
+
 #: select()'s limit on descriptor numbers.
 FD_SETSIZE = 1024
 

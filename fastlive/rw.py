@@ -21,6 +21,8 @@ from typing import NamedTuple
 from ._lib import SocketLike, fd_of, ffi, lib
 from .verdict import Verdict, new_c_verdict
 
+__all__ = ["check_peek", "check_so_error", "SendResult", "send"]
+
 
 def check_peek(sock: SocketLike) -> Verdict:
     """Peek one byte without waiting: 0 bytes means the peer's FIN arrived

@@ -22,6 +22,8 @@ from ._lib import SocketLike, check_rc, fd_of, ffi, lib
 from .tcpstate import TcpState
 from .verdict import Verdict, new_c_verdict
 
+__all__ = ["TCP_INFO_SIZE", "FIELDS", "FIELD_NAMES", "TcpInfo", "tcp_info", "check_tcp_info"]
+
 _STRUCT = "struct fl_tcp_info"
 _PTR = ffi.typeof(_STRUCT + " *")
 _new_raw = ffi.new_allocator(should_clear_after_alloc=False)

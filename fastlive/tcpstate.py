@@ -4,6 +4,8 @@ from __future__ import annotations
 import enum
 from typing import Union
 
+__all__ = ["TcpState"]
+
 
 class TcpState(enum.IntEnum):
     """``tcpi_state`` values, named as the kernel names them."""

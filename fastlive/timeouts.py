@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 from ._lib import SocketLike, check_rc, fd_of, ffi, lib, timeout_ms
 from .verdict import Verdict, new_c_verdict
 
+__all__ = ["set_timeouts", "get_timeouts", "check_rcvtimeo"]
+
 
 def _us(name: str, value: Optional[float]) -> int:
     if value is None:

@@ -10,6 +10,8 @@ from typing import Optional, Union
 from ._lib import ffi, lib
 from .tcpstate import TcpState
 
+__all__ = ["Status", "Method", "Flag", "Verdict", "new_c_verdict"]
+
 
 class Status(enum.IntEnum):
     """The verdict on a peer.

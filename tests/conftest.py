@@ -15,14 +15,14 @@ the suite on emulated aarch64 and armv7l); see fastlive/_platform.py:
 """
 import pytest
 
-import fastlive.testing
+import fastlive.testing.plugin
 from fastlive import _platform
 
 
 def pytest_configure(config):
     pm = config.pluginmanager
-    if not pm.is_registered(fastlive.testing):
-        pm.register(fastlive.testing, "fastlive")
+    if not pm.is_registered(fastlive.testing.plugin):
+        pm.register(fastlive.testing.plugin, "fastlive")
     config.addinivalue_line(
         "markers", "no_qemu(reason): cannot run under qemu-user emulation; "
         "skipped there with the reason")

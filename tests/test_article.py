@@ -48,8 +48,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from fastlive import article
-from fastlive.faults import NetnsPair, netns_unavailable
+from fastlive.tools import article
+from fastlive.testing import NetnsPair, netns_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIG = ROOT / "tests" / "orig"
@@ -436,7 +436,7 @@ def client_stop_run(bins: Dict[str, str], port: int) -> Dict[str, object]:
 def bounded_run(bins: Dict[str, str], port: int) -> Dict[str, object]:
     """run_server() in bounded mode returns by itself; the original client
     is the peer."""
-    code = ("import sys; from fastlive.article import run_server; "
+    code = ("import sys; from fastlive.tools.article import run_server; "
             f"rc = run_server('rw', '{HOST}', {port}, connections=1, iterations=2); "
             "print('returned', rc, flush=True)")
     procs: List[Proc] = []
@@ -487,7 +487,7 @@ def highfd_run(port: int) -> Dict[str, object]:
     """The port's select and heartbeat loops on a connection whose fd is
     above FD_SETSIZE (where the original's FD_SET writes out of bounds):
     bounded mode, a scripted peer paced by the replies."""
-    code = ("import os, sys; from fastlive.article import run_server\n"
+    code = ("import os, sys; from fastlive.tools.article import run_server\n"
             "hold = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]\n"
             "probe = os.dup(0); os.close(probe)\n"
             "print('lowest free fd', probe, flush=True)\n"
@@ -632,7 +632,7 @@ def _listening_in(pid: int, port: int, timeout: float = 10.0) -> None:
 
 def netns_run(bins: Dict[str, str], ports: List[int]) -> Dict[str, object]:
     """A silently dead peer: servers in namespace A, the peer in namespace B
-    (fastlive.faults.NetnsPair: a veth pair between namespaces made here);
+    (fastlive.testing.NetnsPair: a veth pair between namespaces made here);
     the peer's link is set down while the peer process lives on.  Runs the
     original and the port of section 3 (TCP_INFO) and the port of section 4
     (keepalive 1 s / 1 s / 2, stop mode).
@@ -956,7 +956,7 @@ def test_bad_arguments_raise_before_taking_over():
 
 
 def test_cli_rows_and_defaults():
-    from fastlive import cli
+    from fastlive.tools import cli
     parser = cli.build_parser()
     a = parser.parse_args(["server", "--method", "tcpinfo"])
     assert (a.host, a.port, a.method, a.stop_on_death) == ("127.0.0.1", 8888, "tcpinfo", False)

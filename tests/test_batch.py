@@ -12,7 +12,7 @@ from typing import Callable, List, Tuple
 import pytest
 
 from fastlive import TCP_INFO_SIZE, Batch, Flag, Method, Status, TcpState
-from fastlive._peerhold import PeerHolder, close_all
+from fastlive.testing import ManyPeers, close_all
 
 Pair = Tuple[socket.socket, socket.socket]
 SWEEPS = ("poll", "states", "tcp_info", "peek")
@@ -194,7 +194,7 @@ def test_sigkilled_peer_and_huge_batch():
     """5,000 connections, peers in a helper process: 1% FIN, 1% RST, then
     the helper is SIGKILLed and every connection is reported."""
     n = 5000
-    with PeerHolder() as ph:
+    with ManyPeers() as ph:
         socks = ph.connect(n)
         try:
             b = Batch(socks)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from fastlive.demo import FAILURES, METHODS, SILENT, run_matrix
-from fastlive.faults import netns_unavailable
+from fastlive.tools.demo import FAILURES, METHODS, SILENT, run_matrix
+from fastlive.testing import netns_unavailable
 
 pytestmark = pytest.mark.slow
 EVENT_DRIVEN = ("read", "select", "epoll", "tcp_info", "heartbeat")

@@ -1,4 +1,4 @@
-"""fastlive.faults itself: each fault leaves the kernel state it claims, and
+"""fastlive.testing itself: each fault leaves the kernel state it claims, and
 every helper process and namespace is really gone afterwards."""
 import errno
 import os
@@ -14,7 +14,7 @@ import pytest
 
 import fastlive
 from fastlive import TcpState, tcp_info
-from fastlive.faults import (NetnsPair, PeerError, PeerProcess, in_netns, list_netns,
+from fastlive.testing import (NetnsPair, PeerError, PeerProcess, in_netns, list_netns,
                              loopback_peer, netns_unavailable, sweep_stale_netns)
 
 NETNS = netns_unavailable()
@@ -206,7 +206,7 @@ def test_helper_dies_with_its_owner(freeze, thread):
     it was asked for from a worker thread that has ended since."""
     owner = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import threading, time
-        from fastlive.faults import loopback_peer
+        from fastlive.testing import loopback_peer
         got = []
         def start():
             got.append(loopback_peer())
@@ -327,7 +327,7 @@ def test_blackhole_state(netns_pair):
 @needs_netns
 @pytest.mark.tcp_info_fields("unacked")
 def test_drop_rule_or_clear_error(netns_pair):
-    from fastlive.faults import firewall_tool
+    from fastlive.testing import firewall_tool
     if firewall_tool() is None:
         with pytest.raises(OSError, match="nft nor iptables"):
             netns_pair.drop()
@@ -367,7 +367,7 @@ def test_netns_cleanup_even_on_error():
 @needs_netns
 def test_setup_failure_cleans_up(monkeypatch):
     seen = {}
-    import fastlive.faults as fl
+    import fastlive.testing.netns as fl
 
     def broken(self):
         seen["names"] = (self.ns_a, self.ns_b)
@@ -392,7 +392,7 @@ def test_sweeper_removes_stale_namespaces(capsys):
     for n in (name, live):
         subprocess.run(["ip", "netns", "add", n], check=True, timeout=10)
     try:
-        from fastlive.cli import main
+        from fastlive.tools.cli import main
         assert main(["netns-sweep", "--list"]) == 0
         listed = capsys.readouterr().out
         assert f"{name}  owner {dead.pid} stale" in listed
@@ -406,10 +406,11 @@ def test_sweeper_removes_stale_namespaces(capsys):
 
 
 def test_unavailable_reason_when_not_root(monkeypatch):
-    import fastlive.faults as fl
+    import fastlive.testing._spawn as spawn
+    import fastlive.testing.netns as fl
     monkeypatch.setattr(fl.os, "geteuid", lambda: 1000)
     assert "root" in fl._probe()
-    monkeypatch.setattr(fl.shutil, "which", lambda *a, **k: None)
+    monkeypatch.setattr(spawn.shutil, "which", lambda *a, **k: None)
     monkeypatch.setattr(fl.os, "geteuid", lambda: 0)
     assert "'ip' command" in fl._probe()
 
@@ -430,7 +431,7 @@ def test_no_helpers_left_behind():
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me and b"fastlive.faults" in cmd:
+        if ppid == me and b"fastlive.testing._child" in cmd:
             left.append(pid)
     assert not left
     assert not [n for n in list_netns() if n.startswith(f"fl-{me}-")]
@@ -448,7 +449,7 @@ def test_docs_example_runs(tmp_path):
     (tmp_path / "test_example.py").write_text(code)
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
            "PYTHONPATH": os.path.dirname(os.path.dirname(fastlive.__file__))}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "fastlive.testing",
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "fastlive.testing.plugin",
                           "-p", "no:cacheprovider", "-rs", "test_example.py"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -458,15 +459,15 @@ def test_docs_example_runs(tmp_path):
 
 def test_netns_fixture_skips_with_the_reason(tmp_path):
     (tmp_path / "test_skip.py").write_text(textwrap.dedent("""
-        import fastlive.faults
-        fastlive.faults._probe_result = "pretend: no namespaces here"
+        import fastlive.testing.netns
+        fastlive.testing.netns._probe_result = "pretend: no namespaces here"
 
         def test_needs_namespaces(netns_pair):
             raise AssertionError("must not run")
         """))
     env = {**os.environ, "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
            "PYTHONPATH": os.path.dirname(os.path.dirname(fastlive.__file__))}
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "fastlive.testing",
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "fastlive.testing.plugin",
                           "-p", "no:cacheprovider", "test_skip.py"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -8,8 +8,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ from hypothesis import strategies as st
 
 from fastlive import Method, Status, _platform, check_poll, check_so_error, set_keepalive, tcp_info
 from fastlive import heartbeat as hb
+from fastlive.testing import HeartbeatPeerProcess
 from fastlive.heartbeat import (HeartbeatDeath, Decoder, FrameError, FrameType, HeartbeatEngine,
                                 PyHeartbeatPeer)
 from fastlive.tcpstate import TcpState
@@ -87,38 +86,9 @@ def rst_close(s: socket.socket) -> None:
     s.close()
 
 
-class PeerProcess:
-    """A heartbeat peer in its own process (so it can be frozen or killed)."""
-
-    def __init__(self, lst: socket.socket, count: int = 1) -> None:
-        host, port = lst.getsockname()[:2]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastlive.heartbeat_peer", "--connect", f"{host}:{port}",
-             "--count", str(count), "--lifetime", "60"],
-            stdout=subprocess.PIPE, env=env)
-        lst.settimeout(10)
-        self.socks = [lst.accept()[0] for _ in range(count)]
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 10)
-        assert ready and self.proc.stdout.readline().strip() == b"ready"
-
-    def close(self) -> None:
-        try:
-            if self.proc.poll() is None:
-                os.kill(self.proc.pid, signal.SIGCONT)
-                self.proc.kill()
-            self.proc.wait(5)
-        finally:
-            if self.proc.stdout:
-                self.proc.stdout.close()
-            for s in self.socks:
-                s.close()
-
-
 @pytest.fixture
-def peer_process(listener: socket.socket) -> Iterator[PeerProcess]:
-    p = PeerProcess(listener)
+def peer_process(listener: socket.socket) -> Iterator[HeartbeatPeerProcess]:
+    p = HeartbeatPeerProcess(listener)
     try:
         yield p
     finally:
@@ -345,7 +315,7 @@ def test_fin_and_rst_seen_at_once(engine: HeartbeatEngine, listener: socket.sock
 
 
 @pytest.mark.no_qemu("starts a Python peer process, seconds per start emulated")
-def test_killed_peer_process(engine: HeartbeatEngine, peer_process: PeerProcess) -> None:
+def test_killed_peer_process(engine: HeartbeatEngine, peer_process: HeartbeatPeerProcess) -> None:
     sock = peer_process.socks[0]
     engine.add(sock, 0.1, 3)
     assert run_until(engine, 2.0, lambda d: bool(d) or engine.stats().pongs_received >= 2) == []
@@ -361,7 +331,7 @@ def test_killed_peer_process(engine: HeartbeatEngine, peer_process: PeerProcess)
 @pytest.mark.no_qemu("starts a Python peer process, seconds per start emulated")
 @pytest.mark.tcp_info_fields("segs_in", "probes")
 def test_frozen_peer_only_the_heartbeat_sees_it(engine: HeartbeatEngine,
-                                                peer_process: PeerProcess) -> None:
+                                                peer_process: HeartbeatPeerProcess) -> None:
     """SIGSTOP: the peer's kernel still ACKs, so keepalive (short settings)
     and TCP_INFO call it alive; the heartbeat declares it gone in
     interval * misses."""

@@ -17,7 +17,7 @@ from typing import Callable, Iterator, List, Tuple
 import pytest
 
 from fastlive import Death, Flag, Method, Monitor, Status, get_keepalive
-from fastlive._peerhold import PeerHolder, close_all
+from fastlive.testing import ManyPeers, close_all
 
 Pair = Tuple[socket.socket, socket.socket]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,7 +134,7 @@ def test_add_twice_and_bad_sockets(pairs, mon):
 
 
 def test_sigkilled_peer_many_deaths_beyond_event_array(pairs):
-    with PeerHolder() as ph, Monitor(max_events=8) as m:
+    with ManyPeers() as ph, Monitor(max_events=8) as m:
         socks = ph.connect(50)
         try:
             for s in socks:

@@ -20,7 +20,7 @@ import pytest
 
 import fastlive
 from fastlive import Flag, Status, TcpState, check_poll, check_tcp_info, set_keepalive
-from fastlive.faults import NetnsPair, PeerProcess, netns_unavailable
+from fastlive.testing import NetnsPair, PeerProcess, netns_unavailable
 
 NETNS = netns_unavailable()
 needs_netns = pytest.mark.skipif(NETNS is not None, reason=f"netns: {NETNS}")

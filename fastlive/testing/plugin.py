@@ -1,7 +1,7 @@
-"""pytest plugin: fault fixtures for testing dead-peer handling.
+"""The pytest plugin: fault fixtures for testing dead-peer handling.
 
-Loaded automatically (``pytest11`` entry point) when fastlive is installed;
-the fixtures are thin wrappers over :mod:`fastlive.faults`, which works
+Loaded automatically (``pytest11`` entry point ``fastlive``) when fastlive is installed;
+the fixtures are thin wrappers over :mod:`fastlive.testing`, which works
 without pytest too.  See ``docs/testing.md``.
 
 ===================  =========================================================
@@ -9,14 +9,14 @@ fixture              gives
 ===================  =========================================================
 ``loopback_pair``    (local, peer) sockets on 127.0.0.1, both in this process
 ``loopback_pairs``   factory: ``make(n)`` gives n more such pairs
-``loopback_peer``    (local socket, :class:`~fastlive.faults.PeerProcess`):
+``loopback_peer``    (local socket, :class:`~fastlive.testing.PeerProcess`):
                      the peer end lives in a helper process you can close,
                      reset, half-close, SIGKILL or freeze
 ``frozen_peer``      like ``loopback_peer`` with the helper already SIGSTOPped
 ``make_peer``        factory: ``make_peer(connect=(host, port))`` starts a
                      helper that connects to *your* server (or
                      ``listen=...``, ``sock=...``, ``netns=...``)
-``netns_pair``       a :class:`~fastlive.faults.NetnsPair` (two namespaces,
+``netns_pair``       a :class:`~fastlive.testing.NetnsPair` (two namespaces,
                      veth, helper in B, ``local`` socket in A) for silent
                      deaths: ``link_down()``, ``blackhole()``; skips with the
                      reason when not root or without netns support
@@ -32,7 +32,13 @@ from typing import Any, Callable, Iterator, List, Tuple
 
 import pytest
 
-from . import faults
+from .netns import NetnsPair, netns_unavailable
+from .peer import ManyPeers, PeerProcess, loopback_peer as _loopback_peer
+
+__all__ = [
+    "loopback_pairs", "loopback_pair", "loopback_peer", "frozen_peer", "make_peer", "netns_pair",
+    "many_peers",
+]
 
 
 @pytest.fixture
@@ -70,7 +76,7 @@ def loopback_pair(loopback_pairs: Callable[[int], List[Tuple[socket.socket, sock
 
 
 @pytest.fixture
-def loopback_peer() -> Iterator[Tuple[socket.socket, faults.PeerProcess]]:
+def loopback_peer() -> Iterator[Tuple[socket.socket, PeerProcess]]:
     """(local socket, helper process holding its peer end) on 127.0.0.1.
 
     The helper's connection 0 is the peer: ``peer.close_socket()`` (FIN),
@@ -78,7 +84,7 @@ def loopback_peer() -> Iterator[Tuple[socket.socket, faults.PeerProcess]]:
     ``peer.shutdown_write()`` (half-close), ``peer.kill()`` (SIGKILL: FIN),
     ``peer.freeze()`` / ``peer.thaw()``, ``peer.send(b"...")``,
     ``peer.echo()``.  The local socket is blocking without a timeout."""
-    local, peer = faults.loopback_peer()
+    local, peer = _loopback_peer()
     try:
         yield local, peer
     finally:
@@ -87,8 +93,8 @@ def loopback_peer() -> Iterator[Tuple[socket.socket, faults.PeerProcess]]:
 
 
 @pytest.fixture
-def frozen_peer(loopback_peer: Tuple[socket.socket, faults.PeerProcess]
-                ) -> Tuple[socket.socket, faults.PeerProcess]:
+def frozen_peer(loopback_peer: Tuple[socket.socket, PeerProcess]
+                ) -> Tuple[socket.socket, PeerProcess]:
     """(local socket, helper) with the helper SIGSTOPped: the process does
     nothing, its kernel still ACKs data and keepalive probes.  ``thaw()``
     it to talk to it again; teardown kills it either way."""
@@ -98,16 +104,16 @@ def frozen_peer(loopback_peer: Tuple[socket.socket, faults.PeerProcess]
 
 
 @pytest.fixture
-def make_peer() -> Iterator[Callable[..., faults.PeerProcess]]:
+def make_peer() -> Iterator[Callable[..., PeerProcess]]:
     """Factory for helper processes, all killed at teardown.
 
     ``make_peer(connect=server_address)`` starts a helper that connects to
     your server (its connection 0); ``listen=``, ``sock=`` and ``netns=``
-    are passed to :class:`~fastlive.faults.PeerProcess` as well."""
-    made: List[faults.PeerProcess] = []
+    are passed to :class:`~fastlive.testing.PeerProcess` as well."""
+    made: List[PeerProcess] = []
 
-    def make(*args: Any, **kwargs: Any) -> faults.PeerProcess:
-        peer = faults.PeerProcess(*args, **kwargs)
+    def make(*args: Any, **kwargs: Any) -> PeerProcess:
+        peer = PeerProcess(*args, **kwargs)
         made.append(peer)
         return peer
 
@@ -119,13 +125,21 @@ def make_peer() -> Iterator[Callable[..., faults.PeerProcess]]:
 
 
 @pytest.fixture
-def netns_pair() -> Iterator[faults.NetnsPair]:
-    """A :class:`~fastlive.faults.NetnsPair`, entered: ``.local`` (socket in
+def netns_pair() -> Iterator[NetnsPair]:
+    """A :class:`~fastlive.testing.NetnsPair`, entered: ``.local`` (socket in
     namespace A) is connected to ``.peer`` (helper in namespace B).  Skips
     the test when network namespaces are unavailable (not root, no ``ip``,
     no netns/veth support), with the reason."""
-    reason = faults.netns_unavailable()
+    reason = netns_unavailable()
     if reason:
         pytest.skip(f"netns_pair: {reason}")
-    with faults.NetnsPair() as pair:
+    with NetnsPair() as pair:
         yield pair
+
+
+@pytest.fixture
+def many_peers() -> Iterator[ManyPeers]:
+    """A :class:`~fastlive.testing.ManyPeers` helper (the accepting ends of
+    up to thousands of loopback connections), killed at teardown."""
+    with ManyPeers() as holder:
+        yield holder

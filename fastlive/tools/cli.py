@@ -10,15 +10,17 @@ import importlib
 import sys
 from typing import List, Optional, Tuple
 
-from ._version import __version__
+from .._version import __version__
+
+__all__ = ["COMMANDS", "build_parser", "main"]
 
 #: (command, module, one-line help)
 COMMANDS: List[Tuple[str, str, str]] = [
-    ("demo", "fastlive.demo", "fail peers in every way and show which method sees what"),
-    ("netns-sweep", "fastlive.faults",
+    ("demo", "fastlive.tools.demo", "fail peers in every way and show which method sees what"),
+    ("netns-sweep", "fastlive.tools.netns",
      "delete network namespaces left behind by killed fastlive test runs"),
-    ("client", "fastlive.article", "the article's TCP client (takes over the process)"),
-    ("server", "fastlive.article", "the article's TCP server, one --method per section "
+    ("client", "fastlive.tools.article", "the article's TCP client (takes over the process)"),
+    ("server", "fastlive.tools.article", "the article's TCP server, one --method per section "
      "(takes over the process)"),
 ]
 

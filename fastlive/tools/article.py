@@ -35,7 +35,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ._lib import check_rc, ffi, lib
+from .._lib import check_rc, ffi, lib
+
+__all__ = [
+    "DEFAULT_HOST", "DEFAULT_PORT", "METHODS", "run_client", "run_server", "Noticed", "EVENTS",
+    "stop_matrix", "add_arguments", "run",
+]
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
@@ -149,14 +154,14 @@ def _one_stop(method: str, event: str, wait: float, keepalive: Tuple[int, int, i
     import subprocess
     import time
 
+    from ..testing._spawn import python_argv
+
     env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("PYTHONUNBUFFERED", None)
     with socket.socket() as probe:  # a port that was free a moment ago
         probe.bind((DEFAULT_HOST, 0))
         port = probe.getsockname()[1]
-    argv = [sys.executable, "-m", "fastlive", "server", "--method", method, "--port", str(port),
+    argv = [*python_argv("fastlive.tools.cli"), "server", "--method", method, "--port", str(port),
             "--stop-on-death", "--connections", "1", "--keepalive", *map(str, keepalive),
             "--heartbeat", str(heartbeat)]
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

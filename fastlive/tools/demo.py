@@ -27,16 +27,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO, Tuple
 
-from . import heartbeat
-from .faults import NetnsPair, PeerProcess, netns_unavailable
-from .heartbeat import HeartbeatEngine
-from .keepalive import set_keepalive
-from .monitor import Monitor
-from .readiness import check_select
-from .rw import check_peek, send
-from .tcpinfo import check_tcp_info
-from .timeouts import check_rcvtimeo, set_timeouts
-from .verdict import Status
+from .. import heartbeat
+from ..testing import NetnsPair, PeerProcess, netns_unavailable
+from ..heartbeat import HeartbeatEngine
+from ..keepalive import set_keepalive
+from ..monitor import Monitor
+from ..readiness import check_select
+from ..rw import check_peek, send
+from ..tcpinfo import check_tcp_info
+from ..timeouts import check_rcvtimeo, set_timeouts
+from ..verdict import Status
+
+__all__ = [
+    "KEEPALIVE", "USER_TIMEOUT", "RCVTIMEO", "TICK", "BUSY_BYTES", "METHODS", "FAILURES", "SILENT",
+    "Cell", "Result", "run_matrix", "render", "add_arguments", "run", "main",
+]
 
 KEEPALIVE = (1, 1, 3)          # idle, interval, count (seconds, probes)
 USER_TIMEOUT = 3.0             # seconds
