@@ -7,7 +7,7 @@
 # docs/arm.md.
 #
 #   scripts/arm_kernels.sh [pytest args...]
-#       default pytest args: -q -rfEs tests      (slow and netns tests included)
+#       default pytest args: -q -rfEs --durations=15 tests   (slow and netns tests included)
 #
 # How:
 #   1. mmdebstrap --variant=extract makes, per target, a user root (python3,
@@ -332,7 +332,7 @@ done
 for t in $targets; do say "  $t: Linux $(cat "$vmc/img-$t/kver"), $(du -m "$vmc/img-$t/root.cpio" | cut -f1) MiB root"; done
 
 # ------------------------------------------------------------- one run each
-[ $# -gt 0 ] || set -- -q -rfEs tests
+[ $# -gt 0 ] || set -- -q -rfEs --durations=15 tests
 
 make_run_cpio() {  # target pytest-args... -> $work/<target>/guest.cpio
     local t=$1 img=$vmc/img-$1 d=$work/$1
@@ -346,6 +346,7 @@ make_run_cpio() {  # target pytest-args... -> $work/<target>/guest.cpio
         (cd "$top" && xargs -0 cp --parents -t "$o/fastlive" 2>/dev/null || true)
     rm -rf "$o/fastlive/fastlive" "$o/fastlive/wheelhouse"
     find "$o/fastlive" \( -name '*.so' -o -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+    local tcg=1; [ "${accel[$t]}" != kvm ] || tcg=
     local site=$o/usr/local/lib/$pyv/dist-packages
     python3 -m zipfile -e "${wheel[$t]}" "$site"
     if [ "$(python3 -c 'import sys; print("python%d.%d" % sys.version_info[:2])')" = "$pyv" ]; then
@@ -394,8 +395,8 @@ echo "fastlive-vm: /init runs at \$(\$bb cut -d' ' -f1 /proc/uptime) s" >/dev/co
 exec 0</dev/console 1>/dev/console 2>&1
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root USER=root LOGNAME=root
 export LANG=C.UTF-8 TERM=dumb PYTHONUNBUFFERED=1
-# the signal for timed tests: a full-system emulated CPU (fastlive._platform)
-export FASTLIVE_VM='qemu-system TCG ($t, scripts/arm_kernels.sh)'
+# the signal for timed tests: a full-system emulated CPU (fastlive._platform.tcg_vm)
+${tcg:+export FASTLIVE_TCG_VM='qemu-system TCG ($t, scripts/arm_kernels.sh)'}
 ulimit -n 20000
 \$bb hostname fastlive-vm
 ip link set lo up
@@ -417,15 +418,14 @@ EOF
 
 boot() {  # target -> runs the VM, output in $work/<target>/console.log
     local t=$1 img=$vmc/img-$1 d=$work/$1
-    local q machine console accel=()
+    local q machine console
     q=$(field "$t" 4); machine=$(field "$t" 5); console=$(field "$t" 6)
-    if [ "$q" = qemu-system-x86_64 ] && [ -w /dev/kvm ] &&
-       timeout 20 "$q" -accel kvm -M none -nographic -nodefaults </dev/null >/dev/null 2>&1; then
-        accel=(-accel kvm -cpu host)
-    elif [ "$q" = qemu-system-x86_64 ]; then
-        accel=(-cpu max)
-    fi
-    local -a cmd=(timeout --kill-after=10 "$vm_timeout" nice -n 10 "$q" ${machine//|/ } "${accel[@]}"
+    local -a acc=()
+    case ${accel[$t]} in
+        kvm) acc=(-accel kvm -cpu host) ;;
+        tcg-x86) acc=(-cpu max) ;;
+    esac
+    local -a cmd=(timeout --kill-after=10 "$vm_timeout" nice -n 10 "$q" ${machine//|/ } "${acc[@]}"
         -smp "$vm_smp" -m "$vm_mem" -nographic -nic none -no-reboot
         -kernel "$img/vmlinuz" -initrd "$d/guest.cpio"
         -append "console=$console rdinit=/init panic=-1 loglevel=4")
@@ -436,11 +436,23 @@ boot() {  # target -> runs the VM, output in $work/<target>/console.log
     echo "$rc $((SECONDS - s))" > "$d/qemu-rc"
 }
 
+# KVM for an x86_64 guest when /dev/kvm works here; ARM guests are TCG
+declare -A accel=()
+for t in $targets; do
+    q=$(field "$t" 4)
+    accel[$t]=tcg
+    [ "$q" = qemu-system-x86_64 ] || continue
+    accel[$t]=tcg-x86
+    if [ -w /dev/kvm ] && timeout 20 "$q" -accel kvm -M none -nographic -nodefaults </dev/null >/dev/null 2>&1; then
+        accel[$t]=kvm
+    fi
+done
+
 declare -A vm=()
 for t in $targets; do
     mkdir -p "$work/$t"
     make_run_cpio "$t" "$@"
-    say "boot $t: Linux $(cat "$vmc/img-$t/kver"), $(basename "${wheel[$t]}"), pytest $*"
+    say "boot $t (${accel[$t]}): Linux $(cat "$vmc/img-$t/kver"), $(basename "${wheel[$t]}"), pytest $*"
     boot "$t" & vm[$t]=$!
 done
 rc=0

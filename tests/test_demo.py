@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fastlive import _platform
 from fastlive.tools.demo import FAILURES, METHODS, SILENT, run_matrix
 from fastlive.testing import netns_unavailable
 
@@ -44,7 +45,11 @@ def test_healthy_peer_only_rcvtimeo_calls_it_dead(matrix):
         for busy in (False, True):
             assert detected(matrix, m, "healthy", busy) == (m == "rcvtimeo"), m
     c = matrix.cell("rcvtimeo", "healthy", False)
-    assert c.status == "TIMED_OUT" and 1.9 <= c.after <= 3.0
+    assert c.status == "TIMED_OUT" and c.after <= 3.0
+    # the 2 s wait began before the (no-)fault's time stamp: natively a few
+    # ms before, on an emulated CPU (qemu-user, a TCG machine) ~0.1-0.2 s
+    if not _platform.emulated_cpu():
+        assert c.after >= 1.9, c
 
 
 def test_only_the_heartbeat_sees_a_frozen_peer(matrix):
