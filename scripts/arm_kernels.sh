@@ -375,6 +375,65 @@ EOF
     # extract runs no maintainer script: no /etc/passwd, /etc/group
     printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n' > "$o/etc/passwd"
     printf 'root:x:0:\nnogroup:x:65534:\n' > "$o/etc/group"
+    # a few numbers of this kernel for docs/arm.md, printed after pytest
+    # (never changes the exit code; skipped with the reason if the API moved)
+    cat > "$o/fastlive/.vm_facts.py" <<'EOF'
+import platform, socket, statistics, threading, time
+def line(what, value):
+    print(f"fastlive-vm fact: {what}: {value}", flush=True)
+line("kernel", f"Linux {platform.release()} {platform.machine()}")
+try:
+    from fastlive import _platform, tcp_info
+    from fastlive.keepalive import read_sysctl_defaults, retransmit_timeout
+    line("TCP_INFO bytes", _platform.tcp_info_length())
+    line("keepalive sysctls", read_sysctl_defaults())
+    line("tcp_retries2 timeout (s)", retransmit_timeout())
+except Exception as exc:
+    line("keepalive defaults", f"n/a ({type(exc).__name__}: {exc})")
+def rtts(answer):
+    from fastlive.heartbeat import HeartbeatEngine
+    with socket.create_server(("127.0.0.1", 0)) as lst:
+        cli = socket.create_connection(lst.getsockname(), timeout=5)
+        srv, _ = lst.accept()
+    eng = HeartbeatEngine(tick=0.005)
+    stop = answer(srv)
+    try:
+        eng.add(cli, 0.1, 3, rtt=True)
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            eng.wait(0.05)
+        ms = sorted(s.rtt * 1e3 for s in eng.rtt)
+        return (f"{len(ms)} PINGs, min {ms[0]:.3f} / median {statistics.median(ms):.3f} / "
+                f"max {ms[-1]:.3f} ms (kernel srtt {tcp_info(cli).rtt} us)")
+    finally:
+        stop()
+        eng.close()
+        cli.close()
+        srv.close()
+def py_peer(srv):
+    from fastlive.heartbeat import PyHeartbeatPeer
+    peer = PyHeartbeatPeer()
+    peer.add(srv)
+    peer.start()
+    return peer.close
+def c_engine(srv):
+    from fastlive.heartbeat import HeartbeatEngine
+    eng = HeartbeatEngine(tick=0.005)
+    eng.add(srv, 10.0, 3)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: [eng.wait(0.02) for _ in iter(done.is_set, True)], daemon=True)
+    t.start()
+    def stop():
+        done.set()
+        t.join(5)
+        eng.close()
+    return stop
+for name, answer in (("C engine <-> C engine", c_engine), ("C engine <-> PyHeartbeatPeer", py_peer)):
+    try:
+        line(f"heartbeat RTT on loopback, {name}", rtts(answer))
+    except Exception as exc:
+        line(f"heartbeat RTT, {name}", f"n/a ({type(exc).__name__}: {exc})")
+EOF
     # pytest's arguments, NUL-separated (no shell quoting in the guest)
     printf '%s\0' "$@" > "$o/fastlive/.pytest-args"
     cat > "$o/init" <<EOF
@@ -407,6 +466,7 @@ python3 -c 'import os, sys
 args = open(".pytest-args", "rb").read().split(b"\0")[:-1]
 os.execv(sys.executable, [sys.executable, "-m", "pytest", *map(os.fsdecode, args)])'
 rc=\$?
+\$bb timeout 120 python3 .vm_facts.py 2>&1
 echo "FASTLIVE_VM_EXIT=\$rc after \$(\$bb cut -d' ' -f1 /proc/uptime) s"
 \$bb sync
 \$bb poweroff -f
@@ -432,7 +492,8 @@ boot() {  # target -> runs the VM, output in $work/<target>/console.log
     echo "${cmd[*]}" > "$d/cmd"
     local s=$SECONDS rc=0
     "${cmd[@]}" </dev/null >"$d/console.raw" 2>&1 || rc=$?
-    tr -d '\r' <"$d/console.raw" >"$d/console.log"
+    # no CRs, no terminal escapes (SeaBIOS clears the screen)
+    tr -d '\r' <"$d/console.raw" | sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' >"$d/console.log"
     echo "$rc $((SECONDS - s))" > "$d/qemu-rc"
 }
 
