@@ -102,7 +102,7 @@ esac
 command -v apt-get >/dev/null || skip "no apt-get: not a Debian-like host"
 
 need=()
-for tool in mmdebstrap:mmdebstrap cpio:cpio depmod:kmod unzip:unzip; do
+for tool in mmdebstrap:mmdebstrap cpio:cpio depmod:kmod; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 for t in $targets; do
@@ -169,8 +169,10 @@ fi
 mkdir -p "$vmc"
 exec 9>"$vmc/.lock"
 flock -w 1800 9 || die "another arm_kernels.sh holds $vmc/.lock"
-work=$vmc/work
-rm -rf "$work"; mkdir -p "$work"
+work=$vmc/work       # per target: the run's cpio and console log (kept until its next run)
+mkdir -p "$work"
+for t in $targets; do rm -rf "${work:?}/$t" "$work/image-$t.log"; done
+rm -rf "$work/src-amd64" "$work/wheel-amd64"
 
 for t in $targets; do      # x86_64: a native pip wheel of this tree
     [ "$(field "$t" 0)" = amd64 ] || continue
@@ -492,6 +494,7 @@ boot() {  # target -> runs the VM, output in $work/<target>/console.log
     echo "${cmd[*]}" > "$d/cmd"
     local s=$SECONDS rc=0
     "${cmd[@]}" </dev/null >"$d/console.raw" 2>&1 || rc=$?
+    rm -f "$d/guest.cpio"
     # no CRs, no terminal escapes (SeaBIOS clears the screen)
     tr -d '\r' <"$d/console.raw" | sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' >"$d/console.log"
     echo "$rc $((SECONDS - s))" > "$d/qemu-rc"
