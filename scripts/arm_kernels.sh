@@ -166,6 +166,17 @@ if [ ${#arm_missing[@]} -gt 0 ]; then
     done
 fi
 
+# A copy of the tracked (and new, unignored) files: no build products.
+copy_tree() {  # dest
+    if git -C "$top" rev-parse --git-dir >/dev/null 2>&1; then
+        (cd "$top" && git ls-files -co --exclude-standard -z) |
+            (cd "$top" && xargs -0 cp --parents -t "$1" 2>/dev/null || true)
+    else
+        tar -C "$top" --exclude=.git --exclude=build --exclude=dist --exclude=wheelhouse -cf - . |
+            tar -C "$1" -xf -
+    fi
+}
+
 mkdir -p "$vmc"
 exec 9>"$vmc/.lock"
 flock -w 1800 9 || die "another arm_kernels.sh holds $vmc/.lock"
@@ -178,8 +189,7 @@ for t in $targets; do      # x86_64: a native pip wheel of this tree
     [ "$(field "$t" 0)" = amd64 ] || continue
     say "build the x86_64 wheel (pip wheel, host Python)"
     src=$work/src-amd64; mkdir -p "$src"
-    (cd "$top" && git ls-files -co --exclude-standard -z) |
-        (cd "$top" && xargs -0 cp --parents -t "$src" 2>/dev/null || true)
+    copy_tree "$src"
     find "$src" \( -name '*.so' -o -name '*.o' -o -name __pycache__ -o -name '*.egg-info' -o -name build \) \
         -prune -exec rm -rf {} +
     (cd "$src" && python3 -m pip wheel -q --no-build-isolation --no-deps -w "$work/wheel-amd64" .) \
@@ -344,8 +354,7 @@ make_run_cpio() {  # target pytest-args... -> $work/<target>/guest.cpio
     mkdir -p "$o"/{dev,etc,fastlive,usr/local/bin,usr/local/lib/"$pyv"/dist-packages}
     mknod -m 600 "$o/dev/console" c 5 1
     # this tree without the package sources: the installed wheel is imported
-    (cd "$top" && git ls-files -co --exclude-standard -z) |
-        (cd "$top" && xargs -0 cp --parents -t "$o/fastlive" 2>/dev/null || true)
+    copy_tree "$o/fastlive"
     rm -rf "$o/fastlive/fastlive" "$o/fastlive/wheelhouse"
     find "$o/fastlive" \( -name '*.so' -o -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
     local tcg=1; [ "${accel[$t]}" != kvm ] || tcg=
@@ -493,7 +502,10 @@ boot() {  # target -> runs the VM, output in $work/<target>/console.log
         -append "console=$console rdinit=/init panic=-1 loglevel=4")
     echo "${cmd[*]}" > "$d/cmd"
     local s=$SECONDS rc=0
-    "${cmd[@]}" </dev/null >"$d/console.raw" 2>&1 || rc=$?
+    "${cmd[@]}" </dev/null >"$d/console.raw" 2>&1 &
+    echo $! > "$d/pid"
+    wait $! || rc=$?
+    rm -f "$d/pid"
     rm -f "$d/guest.cpio"
     # no CRs, no terminal escapes (SeaBIOS clears the screen)
     tr -d '\r' <"$d/console.raw" | sed -e 's/\x1b\[[0-9;?]*[A-Za-z]//g' -e 's/\x1bc//g' >"$d/console.log"
@@ -511,6 +523,15 @@ for t in $targets; do
         accel[$t]=kvm
     fi
 done
+
+# Interrupted: stop the VMs (timeout passes the signal on to qemu).
+stop_vms() {
+    local t
+    for t in $targets; do
+        [ -f "$work/$t/pid" ] && kill -TERM "$(cat "$work/$t/pid")" 2>/dev/null || true
+    done
+}
+trap 'stop_vms; exit 130' INT TERM HUP
 
 declare -A vm=()
 for t in $targets; do
