@@ -323,8 +323,12 @@ def test_killed_peer_process(engine: HeartbeatEngine, peer_process: HeartbeatPee
     t0 = time.monotonic()
     peer_process.proc.kill()
     deaths = run_until(engine, 2.0, bool)
-    assert len(deaths) == 1 and deaths[0].verdict.status is Status.PEER_CLOSED
-    assert time.monotonic() - t0 < 0.3 + 0.5     # the kernel's FIN, or the timeout
+    # The dead process's kernel closes its socket: a FIN, or an RST when our
+    # next PING had arrived unread (close with unread data); that window is
+    # wider on a slow CPU (seen in a TCG machine, scripts/arm_kernels.sh).
+    assert len(deaths) == 1
+    assert deaths[0].verdict.status in (Status.PEER_CLOSED, Status.RESET), deaths[0]
+    assert time.monotonic() - t0 < 0.3 + 0.5     # the kernel's FIN/RST, or the timeout
 
 
 @pytest.mark.slow
