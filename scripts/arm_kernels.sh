@@ -152,7 +152,7 @@ done
 if [ ${#arm_missing[@]} -gt 0 ]; then
     say "no current ${arm_missing[*]} wheel in $out: scripts/arm_wheels.sh (smoke test only)"
     set +e
-    wout=$(FASTLIVE_ARM_ARCHS="${arm_missing[*]}" FASTLIVE_ARM_SMOKE_SUITES= FASTLIVE_ARM_OUT="$out" \
+    wout=$(FASTLIVE_ARM_ARCHS="${arm_missing[*]}" FASTLIVE_ARM_SMOKE_SUITES='' FASTLIVE_ARM_OUT="$out" \
            bash "$top/scripts/arm_wheels.sh" -q tests/test_smoke.py 2>&1)
     wrc=$?
     set -e
@@ -298,8 +298,8 @@ make_image() {  # target
     cp -a "$user" "$r"
     # (perl comes with debconf, gconv with glibc: neither is used here; the
     # less to unpack, the sooner /init runs under TCG)
-    rm -rf "$r"/usr/share/{doc,man,info,locale,lintian,bug,perl,perl5} "$r"/var/cache/apt \
-           "$r"/var/lib/apt/lists "$r"/usr/lib/*-linux-gnu*/{perl,gconv} "$r"/boot "$r/.fastlive-root"
+    rm -rf "${r:?}"/usr/share/{doc,man,info,locale,lintian,bug,perl,perl5} "$r"/var/cache/apt \
+           "$r"/var/lib/apt/lists "$r"/usr/lib/*-linux-gnu*/{perl,gconv} "${r:?}/boot" "$r/.fastlive-root"
     depmod -b "$kern" "$kver"
     local md=lib/modules/$kver
     mkdir -p "$r/$md"
@@ -496,7 +496,9 @@ boot() {  # target -> runs the VM, output in $work/<target>/console.log
         kvm) acc=(-accel kvm -cpu host) ;;
         tcg-x86) acc=(-cpu max) ;;
     esac
-    local -a cmd=(timeout --kill-after=10 "$vm_timeout" nice -n 10 "$q" ${machine//|/ } "${acc[@]}"
+    local -a mach
+    IFS='|' read -r -a mach <<<"$machine"
+    local -a cmd=(timeout --kill-after=10 "$vm_timeout" nice -n 10 "$q" "${mach[@]}" "${acc[@]}"
         -smp "$vm_smp" -m "$vm_mem" -nographic -nic none -no-reboot
         -kernel "$img/vmlinuz" -initrd "$d/guest.cpio"
         -append "console=$console rdinit=/init panic=-1 loglevel=4")
@@ -518,7 +520,7 @@ for t in $targets; do
     q=$(field "$t" 4)
     accel[$t]=tcg
     [ "$q" = qemu-system-x86_64 ] || continue
-    accel[$t]=tcg-x86
+    accel[$t]='tcg-x86'
     if [ -w /dev/kvm ] && timeout 20 "$q" -accel kvm -M none -nographic -nodefaults </dev/null >/dev/null 2>&1; then
         accel[$t]=kvm
     fi
