@@ -494,56 +494,56 @@ static void process_conn_server(int fd, const struct fl_article_opts *o)
     }
 }
 
-int fl_article_server(const struct fl_article_opts *o)
+/* The article's main(): a stream socket with SO_REUSEADDR, bound and
+ * listening (backlog 2).  Returns the fd, or -errno after printing the
+ * article's error line. */
+static int open_listener(const struct sockaddr_in *server_addr)
 {
-    struct sockaddr_in server_addr, client_addr;
-    struct saved_signals saved;
-    int l_s32ServerFd, l_s32ClientrFd, l_s32Ret, rc;
+    int l_s32ServerFd, l_s32Ret, rc;
     int l_s32UseAddr = 1;
-    int accepted = 0;
-    pid_t pid, *children = NULL;
-
-    rc = parse_addr(o, &server_addr);
-    if (rc < 0)
-        return rc;
-    if (o->method < FL_ART_RW || o->method > FL_ART_HEARTBEAT || o->connections < 0)
-        return -EINVAL;
-    if (o->connections > 0) {
-        children = calloc((size_t)o->connections, sizeof *children);
-        if (!children)
-            return -ENOMEM;
-    }
-    errno = 0; /* as in a freshly started process */
-    install_signals(&saved);
 
     /* 建立一个流式套接字 */
     l_s32ServerFd = socket(AF_INET, SOCK_STREAM, 0);
     if (l_s32ServerFd < 0) { /* 出错 */
         rc = -errno;
         say("socket error\n");
-        goto out;
+        return rc;
     }
     /* 设置IP地址可以重复绑定 */
     if (setsockopt(l_s32ServerFd, SOL_SOCKET, SO_REUSEADDR, &l_s32UseAddr, sizeof(int)) < 0) {
         rc = -errno;
         say("%s %d\tsetsockopt error! Error code: %d,Error message: %s\n",
             "main", __LINE__, -rc, strerror(-rc));
-        goto out_close;
+        close(l_s32ServerFd);
+        return rc;
     }
     /* 绑定地址结构到套接字描述符 */
-    l_s32Ret = bind(l_s32ServerFd, (struct sockaddr *)&server_addr, sizeof(server_addr));
+    l_s32Ret = bind(l_s32ServerFd, (const struct sockaddr *)server_addr, sizeof(*server_addr));
     if (l_s32Ret < 0) { /* 出错 */
         rc = -errno;
         say("bind error\n");
-        goto out_close;
+        close(l_s32ServerFd);
+        return rc;
     }
     /* 设置侦听 */
     l_s32Ret = listen(l_s32ServerFd, ART_BACKLOG);
     if (l_s32Ret < 0) { /* 出错 */
         rc = -errno;
         say("listen error\n");
-        goto out_close;
+        close(l_s32ServerFd);
+        return rc;
     }
+    return l_s32ServerFd;
+}
+
+/* The article's accept loop: fork one child per connection, which runs the
+ * method's loop and exits.  Forever, or (bounded mode, children != NULL)
+ * until o->connections children were started; returns how many. */
+static int accept_loop(int l_s32ServerFd, const struct fl_article_opts *o, pid_t *children)
+{
+    struct sockaddr_in client_addr;
+    int l_s32ClientrFd, accepted = 0;
+    pid_t pid;
 
     /* 主循环过程 */
     for (;;) {
@@ -570,19 +570,48 @@ int fl_article_server(const struct fl_article_opts *o)
         if (children) {
             children[accepted++] = pid;
             if (accepted >= o->connections)
-                break;
+                return accepted;
         }
     }
-    for (int i = 0; i < accepted; i++) {
+}
+
+static void wait_children(const pid_t *children, int n)
+{
+    for (int i = 0; i < n; i++) {
         if (children[i] <= 0)
             continue;
         while (waitpid(children[i], NULL, 0) < 0 && errno == EINTR)
             ;
     }
-    rc = 0;
-out_close:
-    close(l_s32ServerFd);
-out:
+}
+
+int fl_article_server(const struct fl_article_opts *o)
+{
+    struct sockaddr_in server_addr;
+    struct saved_signals saved;
+    pid_t *children = NULL;
+    int fd, rc;
+
+    rc = parse_addr(o, &server_addr);
+    if (rc < 0)
+        return rc;
+    if (o->method < FL_ART_RW || o->method > FL_ART_HEARTBEAT || o->connections < 0)
+        return -EINVAL;
+    if (o->connections > 0) {
+        children = calloc((size_t)o->connections, sizeof *children);
+        if (!children)
+            return -ENOMEM;
+    }
+    errno = 0; /* as in a freshly started process */
+    install_signals(&saved);
+    fd = open_listener(&server_addr);
+    if (fd < 0) {
+        rc = fd;
+    } else {
+        wait_children(children, accept_loop(fd, o, children));
+        close(fd);
+        rc = 0;
+    }
     restore_signals(&saved);
     free(children);
     return rc;

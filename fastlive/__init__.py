@@ -37,6 +37,9 @@ from .monitor import Death, Monitor
 # Method 6, the heartbeat engine.
 from .heartbeat import HeartbeatDeath, HeartbeatEngine, PyHeartbeatPeer, RttSample
 
+# The machine's TCP sockets: one sock_diag dump, and the death log.
+from .census import Census, CensusEntry, Follow, census, census_follow
+
 _CHECKS: Dict[Method, Callable[[SocketLike], Verdict]] = {
     Method.PEEK: check_peek,
     Method.SO_ERROR: check_so_error,
@@ -68,4 +71,5 @@ __all__ = [
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
     "Batch", "Dead", "TcpInfoRecords", "Monitor", "Death",
     "HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample",
+    "census", "census_follow", "Census", "CensusEntry", "Follow",
 ]

@@ -14,7 +14,12 @@ decides: ``net.ipv4.tcp_retries2`` = 15 retries, about 924.6 s at the
 minimum RTO.  TCP_USER_TIMEOUT bounds that (ETIMEDOUT once data has been
 unacknowledged that long) and, when set, also replaces ``count`` as
 keepalive's limit.  Setting both is the only way to bound idle and busy
-connections alike: :func:`detect_within` does it.
+connections alike: :func:`detect_within` does it.  It sets TCP_USER_TIMEOUT
+:data:`BUSY_SLACK` (1.5 s) short of the bound, because the kernel checks
+the user timeout only when a retransmission timer fires, so a busy
+connection's ETIMEDOUT comes up to that much after it: ``detect_within(sock,
+10)`` sets keepalive 7/1/3 (idle, after 7 + 3 x 1 = 10 s) and a user timeout
+of 8.5 s (busy, by 8.5 + 1.5 = 10 s).
 """
 from __future__ import annotations
 
@@ -22,12 +27,12 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from ._lib import SocketLike, check_rc, fd_of, ffi, lib
+from ._lib import SocketLike, check_rc, count, fd_of, ffi, lib, seconds, to_units
 
 __all__ = [
     "DEFAULT_IDLE", "DEFAULT_INTERVAL", "DEFAULT_COUNT", "DEFAULT_RETRIES2", "BUSY_SLACK",
     "KeepaliveSettings", "get_keepalive", "set_keepalive", "retransmit_timeout", "detection_time",
-    "read_sysctl_defaults", "Bound", "plan_within", "detect_within",
+    "read_sysctl_defaults", "SYSCTL_DIR", "Bound", "plan_within", "detect_within",
 ]
 
 #: The kernel's own defaults (net.ipv4.tcp_keepalive_*), in seconds.
@@ -48,18 +53,20 @@ BUSY_SLACK = 1.5
 
 @dataclass(frozen=True)
 class KeepaliveSettings:
-    """A socket's keepalive and user-timeout settings (seconds)."""
+    """A socket's keepalive and user-timeout settings, as the kernel holds
+    them (an option the socket never set reads as the namespace's sysctl)."""
 
-    enabled: bool
-    idle: int
-    interval: int
-    count: int
-    user_timeout: float = 0.0   #: TCP_USER_TIMEOUT in seconds; 0 = off
+    enabled: bool               #: SO_KEEPALIVE: probe an idle connection
+    idle: int                   #: TCP_KEEPIDLE: seconds of silence before the first probe
+    interval: int               #: TCP_KEEPINTVL: seconds between unanswered probes
+    count: int                  #: TCP_KEEPCNT: unanswered probes before ETIMEDOUT
+    user_timeout: float = 0.0   #: TCP_USER_TIMEOUT in seconds (ms precision); 0 = off
 
 
 def get_keepalive(sock: SocketLike) -> KeepaliveSettings:
-    """Read SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT and TCP_USER_TIMEOUT.
-    Unset options read as the namespace's sysctl values.  OSError for
+    """Read SO_KEEPALIVE, TCP_KEEPIDLE/INTVL/CNT and TCP_USER_TIMEOUT with
+    getsockopt.  Options the socket never set read as the namespace's
+    sysctl values (the kernel falls back to them per read).  OSError for
     anything that is not a TCP socket."""
     out = ffi.new("struct fl_keepalive *")
     check_rc(lib.fl_get_keepalive(fd_of(sock), out))
@@ -67,12 +74,9 @@ def get_keepalive(sock: SocketLike) -> KeepaliveSettings:
                              out.count, out.user_timeout_ms / 1000.0)
 
 
-def _secs(name: str, value: Optional[int], lo: int, hi: int) -> int:
-    if value is None:
-        return -1
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-    return value
+def _opt_count(name: str, value: Optional[int], lo: int, hi: int) -> int:
+    """A count or whole-seconds option, -1 for None (leave it as it is)."""
+    return -1 if value is None else count(name, value, lo, hi)
 
 
 def set_keepalive(sock: SocketLike, enabled: bool = True, *,
@@ -80,18 +84,24 @@ def set_keepalive(sock: SocketLike, enabled: bool = True, *,
                   count: Optional[int] = None,
                   user_timeout: Optional[float] = None) -> KeepaliveSettings:
     """Set what is given (None leaves an option as it is) and return the
-    settings now in force.  Limits are the kernel's: idle and interval
-    1..32767 s, count 1..127, user_timeout >= 0 s (0 turns it off)."""
-    ut_ms = 0
-    if user_timeout is not None:
-        if not user_timeout >= 0 or user_timeout > 0x7FFFFFFF / 1000:
-            raise ValueError(f"user_timeout must be >= 0 seconds, got {user_timeout!r}")
-        ut_ms = int(round(user_timeout * 1000))
+    settings now in force, as read back from the socket.
+
+    ``enabled`` is SO_KEEPALIVE; ``idle``, ``interval`` and ``count`` are
+    TCP_KEEPIDLE / TCP_KEEPINTVL (whole seconds, 1..32767, the kernel's
+    MAX_TCP_KEEPIDLE/INTVL) and TCP_KEEPCNT (1..127).  The times are set
+    before SO_KEEPALIVE because the kernel arms the timer with the idle
+    time in force when keepalive turns on.  ``user_timeout`` is
+    TCP_USER_TIMEOUT in seconds (0 turns it off), rounded *up* to the
+    kernel's milliseconds so that a tiny timeout never becomes 0 (off).
+    TypeError / ValueError name the parameter; OSError for anything that is
+    not a TCP socket.
+    """
+    ut_ms = 0 if user_timeout is None else to_units("user_timeout", user_timeout, 1e-3)
+    args = (_opt_count("idle", idle, 1, 32767), _opt_count("interval", interval, 1, 32767),
+            _opt_count("count", count, 1, 127))
     fd = fd_of(sock)
-    check_rc(lib.fl_set_keepalive(
-        fd, 1 if enabled else 0,
-        _secs("idle", idle, 1, 32767), _secs("interval", interval, 1, 32767),
-        _secs("count", count, 1, 127), user_timeout is not None, ut_ms))
+    check_rc(lib.fl_set_keepalive(fd, 1 if enabled else 0, *args,
+                                  user_timeout is not None, ut_ms))
     return get_keepalive(fd)
 
 
@@ -99,6 +109,7 @@ def retransmit_timeout(retries: int = DEFAULT_RETRIES2) -> float:
     """Seconds the kernel retransmits before ETIMEDOUT for ``retries``
     (tcp_retries2), as ``retransmits_timed_out()`` computes it from the
     minimum RTO with exponential backoff capped at TCP_RTO_MAX."""
+    retries = count("retries", retries, 0, 0x7FFFFFFF)
     thresh = int(math.log2(_RTO_MAX / _RTO_MIN))   # 9
     if retries <= thresh:
         return ((2 << retries) - 1) * _RTO_MIN
@@ -117,9 +128,13 @@ def detection_time(settings: KeepaliveSettings, *, busy: bool = False,
     the user timeout (plus :data:`BUSY_SLACK`) if set, else
     ``retransmit_timeout(retries2)``.
     """
+    if not isinstance(settings, KeepaliveSettings):
+        raise TypeError(f"settings must be a KeepaliveSettings, got {type(settings).__name__}")
     ut = settings.user_timeout
     if busy:
-        return ut + BUSY_SLACK if ut > 0 else retransmit_timeout(retries2)
+        if ut > 0:
+            return ut + BUSY_SLACK
+        return retransmit_timeout(count("retries2", retries2, 0, 0x7FFFFFFF))
     if not settings.enabled:
         return math.inf
     idle, iv = settings.idle, settings.interval
@@ -129,25 +144,42 @@ def detection_time(settings: KeepaliveSettings, *, busy: bool = False,
     return float(idle + iv * settings.count)
 
 
-def read_sysctl_defaults() -> KeepaliveSettings:
-    """The namespace's keepalive sysctls (what unset sockets use)."""
-    def rd(name: str, default: int) -> int:
+#: Where the namespace's TCP sysctls live.
+SYSCTL_DIR = "/proc/sys/net/ipv4"
+
+
+def read_sysctl_defaults(directory: str = SYSCTL_DIR) -> KeepaliveSettings:
+    """The network namespace's keepalive sysctls: what a socket that did
+    not set TCP_KEEPIDLE/INTVL/CNT uses (``net.ipv4.tcp_keepalive_time``,
+    ``_intvl``, ``_probes``).  ``enabled`` is False: SO_KEEPALIVE is off
+    unless a socket turns it on.  An unreadable or malformed file raises
+    (OSError / ValueError naming the file): a guess would hide it."""
+    def rd(name: str) -> int:
+        path = f"{directory}/{name}"
+        with open(path) as f:
+            text = f.read()
         try:
-            with open(f"/proc/sys/net/ipv4/{name}") as f:
-                return int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            return default
-    return KeepaliveSettings(False, rd("tcp_keepalive_time", DEFAULT_IDLE),
-                             rd("tcp_keepalive_intvl", DEFAULT_INTERVAL),
-                             rd("tcp_keepalive_probes", DEFAULT_COUNT))
+            return int(text.split()[0])
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}: expected an integer, got {text[:40]!r}") from None
+    return KeepaliveSettings(False, rd("tcp_keepalive_time"), rd("tcp_keepalive_intvl"),
+                             rd("tcp_keepalive_probes"))
 
 
 @dataclass(frozen=True)
 class Bound:
-    """What :func:`detect_within` arranged."""
+    """What :func:`detect_within` arranged: the worst-case seconds until the
+    kernel reports ETIMEDOUT for a silent peer, and the settings read back."""
 
     seconds: float               #: worst case, idle or busy
     settings: KeepaliveSettings  #: as read back from the socket
+
+
+def _bound(value: object) -> float:
+    v = seconds("seconds", value)
+    if not v >= 2:
+        raise ValueError(f"seconds: the bound must be at least 2 seconds, got {value!r}")
+    return v
 
 
 def plan_within(seconds: float) -> KeepaliveSettings:
@@ -157,9 +189,8 @@ def plan_within(seconds: float) -> KeepaliveSettings:
     user timeout :data:`BUSY_SLACK` short of the bound, so a busy connection
     gets the same bound as an idle one.  (With a user timeout set, the
     kernel's keepalive stops at the first probe time at or past it.)"""
-    if not seconds >= 2:
-        raise ValueError(f"the bound must be at least 2 seconds, got {seconds!r}")
-    whole = int(min(seconds, 32767))
+    bound = _bound(seconds)
+    whole = int(min(bound, 32767))
     count = min(3, whole - 1)
     interval = max(1, whole // (2 * count))
     idle = whole - interval * count
@@ -175,7 +206,7 @@ def detect_within(sock: SocketLike, seconds: float) -> Bound:
     (whole seconds, <= ``seconds``), counted from the last segment received
     from the peer (idle) or from the first unacknowledged send (busy).
     """
-    plan = plan_within(seconds)
+    plan = plan_within(seconds)       # validates before touching the socket
     got = set_keepalive(sock, True, idle=plan.idle, interval=plan.interval,
                         count=plan.count, user_timeout=plan.user_timeout)
     bound = max(detection_time(got), detection_time(got, busy=True))

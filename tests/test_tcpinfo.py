@@ -19,17 +19,14 @@ from fastlive.tcpinfo import FIELD_NAMES, FIELDS, TCP_INFO_SIZE
 
 
 @pytest.fixture
-def busy_pair():
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        cli = socket.create_connection(lst.getsockname(), timeout=5)
-        srv, _ = lst.accept()
+def busy_pair(loopback_pair):
+    """A loopback pair that has moved 20 kB, then gone quiet."""
+    cli, srv = loopback_pair
     for _ in range(20):
         cli.sendall(b"x" * 1000)
         srv.recv(65536)
     time.sleep(0.05)
-    yield cli, srv
-    cli.close()
-    srv.close()
+    return cli, srv
 
 
 def test_eleven_states_named_as_the_kernel_names_them():
@@ -189,3 +186,52 @@ def test_repr_and_equality(busy_pair):
     a = fastlive.tcp_info(cli)
     assert "state=<TcpState.ESTABLISHED" in repr(a)
     assert TcpInfo.from_bytes(bytes([1])) == TcpInfo.from_bytes(bytes([1]))
+
+
+def _declared():
+    from fastlive.tcpinfo import _Field
+    return [n for n, v in vars(TcpInfo).items() if isinstance(v, _Field)]
+
+
+def test_declared_fields_are_the_c_structs_in_order():
+    # FIELDS is read from the compiled struct; the declarations are what
+    # type checkers see.  They must not drift apart.
+    assert ["state"] + _declared() == list(FIELD_NAMES)
+    assert list(TcpInfo.__annotations__) == list(FIELD_NAMES[1:])
+    assert set(TcpInfo.__annotations__.values()) == {"Optional[int]"}
+    assert isinstance(TcpInfo.state, property)
+
+
+MICROSECONDS = ("rto", "ato", "rtt", "rttvar", "min_rtt", "rcv_rtt", "busy_time",
+                "rwnd_limited", "sndbuf_limited")
+MILLISECONDS = ("last_data_sent", "last_data_recv", "last_ack_recv", "total_rto_time")
+
+
+def test_every_field_says_what_it_is_and_times_their_unit():
+    for name in _declared():
+        doc = getattr(TcpInfo, name).__doc__
+        assert doc and len(doc) > 10, name
+    for name in MICROSECONDS:
+        assert "microseconds" in getattr(TcpInfo, name).__doc__, name
+    for name in MILLISECONDS:
+        assert "milliseconds" in getattr(TcpInfo, name).__doc__, name
+    assert TcpInfo.state.__doc__
+
+
+def test_fields_are_read_only_and_from_bytes_wants_bytes():
+    info = TcpInfo.from_bytes(bytes(TCP_INFO_SIZE))
+    with pytest.raises(AttributeError, match="rtt"):
+        info.rtt = 5
+    with pytest.raises(AttributeError):
+        info.bogus = 5
+    with pytest.raises(TypeError, match="data"):
+        TcpInfo.from_bytes("abc")
+    assert TcpInfo.from_bytes(bytearray(b"\x08")).state is TcpState.CLOSE_WAIT
+    assert TcpInfo.from_bytes(memoryview(bytes(TCP_INFO_SIZE + 8))).length == TCP_INFO_SIZE
+
+
+def test_a_declared_field_the_struct_lacks_fails_at_class_creation():
+    from fastlive.tcpinfo import _f
+    with pytest.raises((TypeError, RuntimeError), match="not_a_field|__set_name__"):
+        class Drifted:      # noqa: F841 - what a stale declaration would do at import
+            not_a_field = _f("gone from the C struct")

@@ -22,3 +22,70 @@ def test_mypy_strict(tmp_path):
          "-p", "fastlive"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_native_stub_matches_the_build():
+    # fastlive/_native.pyi is generated from the compiled module; a function
+    # or constant added to a csrc/fl_*.h header needs the stub regenerated.
+    import importlib.util
+    import fastlive._native as native
+    spec = importlib.util.spec_from_file_location("gen_native_stub", ROOT / "scripts" / "gen_native_stub.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    stub = (ROOT / "fastlive" / "_native.pyi").read_text()
+    assert stub == gen.render(), ("fastlive/_native.pyi is stale: run "
+                                  "'python3 build_ffi.py && python3 scripts/gen_native_stub.py'")
+    public = {n for n in vars(native) if not n.startswith("_")}
+    assert {"ffi", "lib"} <= public
+    for name in dir(native.lib):
+        assert f" {name}" in stub, name
+
+
+#: Public names still without a docstring, in files other branches own
+#: (issue 11 section 3).  A ratchet: the test fails when one of these gains a
+#: docstring (remove it here) and when anything else lacks one.
+KNOWN_UNDOCUMENTED = {
+    "fastlive/_lib.py:HasFileno", "fastlive/_lib.py:HasFileno.fileno",
+    "fastlive/_registry.py:Tracked.closed", "fastlive/_version.py:<module>",
+    "fastlive/batch.py:Batch.closed", "fastlive/heartbeat/engine.py:RttSample",
+    "fastlive/heartbeat/engine.py:EngineStats", "fastlive/heartbeat/engine.py:HeartbeatEngine.stats",
+    "fastlive/heartbeat/peer.py:PyHeartbeatPeer.add", "fastlive/heartbeat/peer.py:PyHeartbeatPeer.remove",
+    "fastlive/heartbeat/peer.py:PyHeartbeatPeer.stop", "fastlive/heartbeat/peer.py:PyHeartbeatPeer.close",
+    "fastlive/heartbeat/wire.py:FrameType", "fastlive/heartbeat/wire.py:Frame",
+    "fastlive/heartbeat/wire.py:ping", "fastlive/monitor.py:Monitor.closed",
+    "fastlive/rw.py:SendResult", "fastlive/testing/netns.py:netns_available",
+    "fastlive/testing/peer.py:PeerProcess.running", "fastlive/testing/peer.py:PeerProcess.returncode",
+    "fastlive/testing/peer.py:ManyPeers.close", "fastlive/verdict.py:Flag",
+    "fastlive/verdict.py:Verdict.invalid", "fastlive/verdict.py:Verdict.suspect",
+    "fastlive/verdict.py:new_c_verdict",
+}
+
+
+def _walk(node, rel, prefix, out):
+    import ast
+    for n in node.body:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            if n.name.startswith("_"):
+                continue
+            if not ast.get_docstring(n):
+                out.add(f"{rel}:{prefix}{n.name}")
+            if isinstance(n, ast.ClassDef):
+                _walk(n, rel, f"{prefix}{n.name}.", out)
+
+
+def _undocumented():
+    import ast
+    out = set()
+    for f in sorted((ROOT / "fastlive").rglob("*.py")):
+        rel = f.relative_to(ROOT).as_posix()
+        tree = ast.parse(f.read_text())
+        if not ast.get_docstring(tree):
+            out.add(f"{rel}:<module>")
+        _walk(tree, rel, "", out)
+    return out
+
+
+def test_public_api_has_docstrings():
+    missing = _undocumented()
+    assert missing - KNOWN_UNDOCUMENTED == set(), "document these"
+    assert KNOWN_UNDOCUMENTED - missing == set(), "documented now: remove from KNOWN_UNDOCUMENTED"

@@ -35,13 +35,16 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .._lib import check_rc, ffi, lib
+from .._lib import check_rc, count, ffi, lib
+from .cli import count_arg
 
 __all__ = [
     "DEFAULT_HOST", "DEFAULT_PORT", "METHODS", "run_client", "run_server", "Noticed", "EVENTS",
     "stop_matrix", "add_arguments", "run",
 ]
 
+INT_MAX = 0x7FFFFFFF
+MAX_HEARTBEAT = 86400          # seconds of silence, section 6
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888
 
@@ -63,21 +66,27 @@ def _opts(host: str, port: int, method: int = 0, *, stop_on_death: bool = False,
         ipaddress.IPv4Address(host)
     except ValueError:
         raise ValueError(f"host must be a dotted IPv4 address, got {host!r}") from None
-    if not 0 < int(port) < 65536:
-        raise ValueError(f"port must be 1..65535, got {port!r}")
-    if iterations < 0 or connections < 0:
-        raise ValueError("iterations and connections must be >= 0 (0 = forever)")
+    port = count("port", port, 1, 65535)
+    iterations = count("iterations", iterations, 0, INT_MAX)      # 0 = forever
+    connections = count("connections", connections, 0, INT_MAX)   # 0 = forever
+    heartbeat = count("heartbeat", heartbeat, 0, MAX_HEARTBEAT)   # 0: the C default, 3 s
+    if keepalive is not None:
+        if not isinstance(keepalive, (tuple, list)) or len(keepalive) != 3:
+            raise TypeError(f"keepalive must be (idle, interval, count), got {keepalive!r}")
+        keepalive = (count("keepalive idle", keepalive[0], 1, 32767),
+                     count("keepalive interval", keepalive[1], 1, 32767),
+                     count("keepalive count", keepalive[2], 1, 127))
     host_c = ffi.new("char[]", host.encode())
     o = ffi.new("struct fl_article_opts *")
     o.host = host_c
-    o.port = int(port)
+    o.port = port
     o.method = method
     o.stop_on_death = 1 if stop_on_death else 0
-    o.iterations = int(iterations)
-    o.connections = int(connections)
+    o.iterations = iterations
+    o.connections = connections
     if keepalive is not None:
-        o.keepalive_idle_s, o.keepalive_intvl_s, o.keepalive_cnt = (int(x) for x in keepalive)
-    o.heartbeat_s = int(heartbeat)
+        o.keepalive_idle_s, o.keepalive_intvl_s, o.keepalive_cnt = keepalive
+    o.heartbeat_s = heartbeat
     return o, host_c  # keep host_c alive as long as o
 
 
@@ -241,6 +250,8 @@ def _is_server(parser: argparse.ArgumentParser) -> bool:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``fastlive client`` or ``fastlive server`` (by the
+    parser's prog), each number checked by its argparse type."""
     server = _is_server(parser)
     if server:
         parser.add_argument("--method", choices=list(METHODS), default="rw",
@@ -249,28 +260,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help=f"IPv4 address to {'listen on' if server else 'connect to'} "
                              f"(default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+    parser.add_argument("--port", type=count_arg("--port", 1, 65535), default=DEFAULT_PORT,
                         help=f"TCP port (default {DEFAULT_PORT})")
     parser.add_argument("--stop-on-death", action="store_true",
                         help="return when the method sees the peer gone (the article's "
                              "commented-out return) and say what it saw, after how long")
-    parser.add_argument("--iterations", type=int, default=0, metavar="N",
+    parser.add_argument("--iterations", type=count_arg("--iterations", 0, INT_MAX), default=0,
+                        metavar="N",
                         help="bounded mode: N passes per connection (default 0: forever)")
     if server:
-        parser.add_argument("--connections", type=int, default=0, metavar="N",
+        parser.add_argument("--connections", type=count_arg("--connections", 0, INT_MAX),
+                            default=0, metavar="N",
                             help="bounded mode: serve N connections, wait for them, exit "
                                  "(default 0: forever)")
-        parser.add_argument("--keepalive", type=int, nargs=3, default=[10, 1, 3],
+        parser.add_argument("--keepalive", type=count_arg("--keepalive", 1, 32767), nargs=3,
+                            default=[10, 1, 3],
                             metavar=("IDLE", "INTVL", "CNT"),
                             help="method keepalive: TCP_KEEPIDLE, TCP_KEEPINTVL (s), "
                                  "TCP_KEEPCNT (default 10 1 3)")
-        parser.add_argument("--heartbeat", type=int, default=3, metavar="S",
+        parser.add_argument("--heartbeat", type=count_arg("--heartbeat", 1, MAX_HEARTBEAT),
+                            default=3, metavar="S",
                             help="method heartbeat: seconds without data that mean the "
                                  "peer is gone (default 3)")
     parser.set_defaults(_article_role="server" if server else "client")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Hand the process to the article's client or server; 255 when its
+    setup failed (the original's ``return -1``), else 0."""
     try:
         if args._article_role == "server":
             run_server(args.method, args.host, args.port, stop_on_death=args.stop_on_death,
@@ -279,7 +296,10 @@ def run(args: argparse.Namespace) -> int:
         else:
             run_client(args.host, args.port, stop_on_death=args.stop_on_death,
                        iterations=args.iterations)
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:
+        parser = getattr(args, "_parser", None)
+        if parser is not None:
+            parser.error(str(exc))    # usage and "fastlive server: error: ...", exit 2
         print(f"fastlive {args._article_role}: {exc}", file=sys.stderr)
         return 2
     except OSError:

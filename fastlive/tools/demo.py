@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno as _errno
 import json
 import select
 import socket
@@ -32,11 +31,12 @@ from ..testing import NetnsPair, PeerProcess, netns_unavailable
 from ..heartbeat import HeartbeatEngine
 from ..keepalive import set_keepalive
 from ..monitor import Monitor
-from ..readiness import check_select
+from ..readiness import check_poll, check_select
 from ..rw import check_peek, send
 from ..tcpinfo import check_tcp_info
 from ..timeouts import check_rcvtimeo, set_timeouts
-from ..verdict import Status
+from .._lib import seconds
+from .cli import seconds_arg
 
 __all__ = [
     "KEEPALIVE", "USER_TIMEOUT", "RCVTIMEO", "TICK", "BUSY_BYTES", "METHODS", "FAILURES", "SILENT",
@@ -47,6 +47,7 @@ KEEPALIVE = (1, 1, 3)          # idle, interval, count (seconds, probes)
 USER_TIMEOUT = 3.0             # seconds
 RCVTIMEO = 2.0                 # seconds
 HB_INTERVAL, HB_MISSES = 0.5, 3
+MAX_WINDOW = 600.0             # the longest --window (seconds)
 TICK = 0.01                    # how often the polled methods look (seconds)
 BUSY_BYTES = b"d" * 4096       # written after the fault in the "busy" cells
 
@@ -84,18 +85,23 @@ class Cell:
     suspect_after: Optional[float] = None   #: TCP_INFO only
     skipped: str = ""
     t0: float = field(default=0.0, repr=False, compare=False)  #: when the fault hit
+    faulted: bool = field(default=False, repr=False, compare=False)  #: the fault is complete
+    busy_sent: bool = field(default=False, repr=False, compare=False)
     sock: Optional[socket.socket] = field(default=None, repr=False, compare=False)
     conn: int = field(default=-1, repr=False, compare=False)
 
     @property
     def column(self) -> str:
+        """``failure/idle`` or ``failure/busy``."""
         return f"{self.failure}/{'busy' if self.busy else 'idle'}"
 
     def hit(self, t: float, status: str, err: int = 0) -> None:
+        """Record the first verdict of death, ``t`` seconds after the fault."""
         if not self.detected:
             self.detected, self.after, self.status, self.errno = True, t, status, err
 
     def public(self) -> Dict[str, Any]:
+        """The cell as JSON-ready data (what ``--json`` prints)."""
         return {k: getattr(self, k) for k in (
             "method", "failure", "busy", "detected", "after", "status", "errno",
             "suspect_after", "skipped")}
@@ -103,17 +109,21 @@ class Cell:
 
 @dataclass
 class Result:
+    """The whole matrix: every cell, and the columns skipped with why."""
+
     window: float
     cells: List[Cell]
     skipped: Dict[str, str]
 
     def cell(self, method: str, failure: str, busy: bool) -> Cell:
+        """The cell of ``method`` under ``failure`` (KeyError if none)."""
         for c in self.cells:
             if (c.method, c.failure, c.busy) == (method, failure, busy):
                 return c
         raise KeyError((method, failure, busy))
 
     def as_json(self) -> Dict[str, Any]:
+        """The matrix as JSON-ready data."""
         return {"window": self.window, "methods": [m for m, _ in METHODS],
                 "failures": [f for f, _ in FAILURES], "skipped": self.skipped,
                 "cells": [c.public() for c in self.cells]}
@@ -171,6 +181,12 @@ class _Watch:
                 cell.hit(self.since(cell), v.status.name, v.errno)
 
     def tick(self) -> None:
+        """One look by every method at every faulted cell, then the busy
+        cells' data for the cells whose fault was complete when it began."""
+        ready = [c for c in self.cells if c.faulted and c.busy and not c.busy_sent
+                 # SO_RCVTIMEO looks from its own thread, in a blocking wait
+                 # that ends with its verdict
+                 and (c.method != "rcvtimeo" or c.detected)]
         for c in self.cells:
             if c.detected or c.sock is None or not c.t0:
                 continue
@@ -190,17 +206,15 @@ class _Watch:
             if v.dead:
                 c.hit(self.since(c), v.status.name, v.errno)
         for fd, _ev in self.errpoll.poll(0):
+            # The kernel's timers report only through the socket's error
+            # (POLLERR) or a hang-up: classify with the library's own poll
+            # check, which takes the error and names it as C does.
             c = self.by_fd[fd]
-            if not c.t0:
+            if not c.t0 or c.detected or c.sock is None:
                 continue
-            if not c.detected and c.sock is not None:
-                err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    c.hit(self.since(c), Status.TIMED_OUT.name if err == _errno.ETIMEDOUT
-                          else Status.RESET.name if err == _errno.ECONNRESET
-                          else Status.ERROR.name, err)
-                else:
-                    c.hit(self.since(c), Status.PEER_CLOSED.name)
+            v = check_poll(c.sock)
+            if v.dead:
+                c.hit(self.since(c), v.status.name, v.errno)
                 self.errpoll.unregister(fd)
         for d in self.monitor.wait(0):
             cell = d.key
@@ -210,6 +224,17 @@ class _Watch:
             if cell is not None:      # before the faults this is a false positive
                 cell.t0 = cell.t0 or time.monotonic()
                 cell.hit(self.since(cell), hd.verdict.status.name, hd.verdict.errno)
+        # Busy cells get their unacknowledged data once every method has
+        # had one look after the fault: a write that draws an RST, or takes
+        # a pending error, would otherwise change what the method sees.
+        for c in ready:
+            if c.busy and not c.busy_sent and c.sock is not None:
+                c.busy_sent = True
+                if c.method == "write":         # writes on every tick anyway
+                    continue
+                data = heartbeat.ping(0xFFFF) * 64 if c.method == "heartbeat" else BUSY_BYTES
+                with contextlib.suppress(OSError):   # frames, never garbage, to the engine
+                    c.sock.send(data)
 
 
 def _cells_for(failure: str) -> List[Cell]:
@@ -225,6 +250,7 @@ def _inject(failure: str, peer: PeerProcess, cells: List[Cell],
         for c in cells:
             c.t0 = time.monotonic()
             (peer.close_socket if failure == "fin" else peer.reset)(c.conn)
+            c.faulted = True
             after()
         return
     now = time.monotonic()
@@ -240,12 +266,19 @@ def _inject(failure: str, peer: PeerProcess, cells: List[Cell],
     elif failure == "blackhole":
         assert pair is not None
         pair.blackhole()
+    for c in cells:
+        c.faulted = True
     after()
 
 
 def run_matrix(window: float = 10.0, *, netns: bool = True,
                progress: Optional[TextIO] = None) -> Result:
-    """Run every failure x method and watch for ``window`` seconds."""
+    """Run every failure x method and watch for ``window`` seconds (0 <
+    window <= 600): set up the connections, inject every fault at once and
+    record, per cell, whether and after how long its method saw a death
+    and the verdict's status and errno exactly as the library returned
+    them.  Netns columns need root (skipped with the reason otherwise)."""
+    window = seconds("window", window, positive=True, maximum=MAX_WINDOW)
     def say(msg: str) -> None:
         if progress is not None:
             print(msg, file=progress, flush=True)
@@ -292,37 +325,48 @@ def run_matrix(window: float = 10.0, *, netns: bool = True,
         # second before the faults, so its silence clocks are in steady state.
         for fd in watch.hb_cells:
             engine.add(fd, HB_INTERVAL, HB_MISSES)
-        warm = time.monotonic() + 1.0
-        while time.monotonic() < warm:
-            watch.tick()
-            time.sleep(TICK)
-        end = time.monotonic() + window + 2
-        threads = [threading.Thread(target=watch.rcvtimeo_thread,
-                                    args=(c, end - 2), daemon=True)
-                   for c in watch.cells if c.method == "rcvtimeo"]
-        for t in threads:
-            t.start()
-        say(f"injecting faults; watching for {window:g} s ...")
-        for failure, peer, fc, pair in groups:
-            _inject(failure, peer, fc, pair, watch.tick)
-            for c in fc:                    # unacknowledged data after the fault
-                if c.busy and c.sock is not None and c.method not in ("write", "heartbeat"):
-                    with contextlib.suppress(OSError):
-                        c.sock.send(BUSY_BYTES)
-                elif c.busy and c.method == "heartbeat" and c.sock is not None:
-                    with contextlib.suppress(OSError):   # frames, never garbage
-                        c.sock.send(heartbeat.ping(0xFFFF) * 64)
-        start = time.monotonic()
-        next_report = start + 2
-        while time.monotonic() - start < window:
-            watch.tick()
-            time.sleep(TICK)
-            if time.monotonic() >= next_report:
+        # One thread looks at every cell each TICK from now to the end, so a
+        # cell's time does not include the injection of later columns (ip
+        # and nft commands take a while).
+        stop = threading.Event()
+        poke = threading.Event()            # a fault just hit: look now
+        errors: List[BaseException] = []
+
+        def ticker() -> None:
+            try:
+                while not stop.is_set():
+                    watch.tick()
+                    poke.wait(TICK)
+                    poke.clear()
+            except BaseException as exc:  # re-raised in the caller below
+                errors.append(exc)
+
+        tick_thread = threading.Thread(target=ticker, name="fastlive-demo-tick", daemon=True)
+        tick_thread.start()
+        try:
+            time.sleep(1.0)
+            end = time.monotonic() + window + 2
+            threads = [threading.Thread(target=watch.rcvtimeo_thread,
+                                        args=(c, end - 2), daemon=True)
+                       for c in watch.cells if c.method == "rcvtimeo"]
+            for t in threads:
+                t.start()
+            say(f"injecting faults; watching for {window:g} s ...")
+            for failure, peer, fc, pair in groups:
+                _inject(failure, peer, fc, pair, poke.set)
+            start = time.monotonic()
+            while not errors and time.monotonic() - start < window:
+                time.sleep(min(2.0, max(0.0, start + window - time.monotonic())))
                 n = sum(c.detected for c in watch.cells)
                 say(f"  {time.monotonic() - start:4.0f} s: {n}/{len(watch.cells)} cells detected")
-                next_report += 2
-        for t in threads:
-            t.join(max(0.0, end - time.monotonic()))
+            for t in threads:
+                t.join(max(0.0, end - time.monotonic()))
+        finally:
+            stop.set()
+            poke.set()
+            tick_thread.join(10)
+        if errors:
+            raise errors[0]
         for failure, peer, _fc, _pair in groups:
             if failure == "frozen" and peer.running:
                 peer.thaw()
@@ -341,6 +385,7 @@ def _fmt(c: Cell) -> str:
 
 
 def render(result: Result, out: TextIO = sys.stdout) -> None:
+    """Print the matrix as the table the README shows, with its legend."""
     cols = [(f, b) for f, _ in FAILURES for b in (False, True)]
     head1 = ["method".ljust(15)] + [dict(FAILURES)[f].center(15) for f, _ in FAILURES]
     head2 = [" " * 15] + ["idle".rjust(7) + " " + "busy".rjust(7) for _ in FAILURES]
@@ -368,17 +413,16 @@ def render(result: Result, out: TextIO = sys.stdout) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, on the ``fastlive demo`` subparser."""
     parser.add_argument("--json", action="store_true", help="print the matrix as JSON")
-    parser.add_argument("--window", type=float, default=10.0,
-                        help="seconds to watch after the faults (default 10)")
+    parser.add_argument("--window", type=seconds_arg("--window", 1, MAX_WINDOW), default=10.0,
+                        help=f"seconds to watch after the faults, 1..{MAX_WINDOW:g} (default 10)")
     parser.add_argument("--no-netns", action="store_true",
                         help="skip the network-namespace (silent death) columns")
 
 
 def run(args: argparse.Namespace) -> int:
-    if not 1 <= args.window <= 600:
-        print("--window must be 1..600 seconds", file=sys.stderr)
-        return 2
+    """Run the matrix (progress on stderr) and print it as a table or JSON."""
     result = run_matrix(args.window, netns=not args.no_netns, progress=sys.stderr)
     if args.json:
         json.dump(result.as_json(), sys.stdout, indent=1)
@@ -389,7 +433,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="fastlive demo")
+    """``fastlive demo`` on its own: parse ``argv`` and :func:`run`."""
+    p = argparse.ArgumentParser(prog="fastlive demo", description=__doc__.splitlines()[0])
     add_arguments(p)
     return run(p.parse_args(argv))
 

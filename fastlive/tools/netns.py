@@ -13,11 +13,14 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--list``."""
     parser.add_argument("--list", action="store_true",
                         help="only list fastlive's namespaces, delete nothing")
 
 
 def run(args: argparse.Namespace) -> int:
+    """List fastlive's namespaces with their owners, or (root) delete those
+    whose owning process is gone (``ip netns delete``)."""
     if args.list:
         for name in list_netns():
             m = NAME_RE.fullmatch(name)
