@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fastlive import _platform
 from fastlive.testing import netns_unavailable
 from fastlive.tools.demo import FAILURES, METHODS, SILENT, run_matrix
 
@@ -78,6 +79,10 @@ def test_cell_physics(matrix, method, failure, busy):
     status, errnos, (lo, hi) = want
     assert c.detected, c
     assert c.status == status and c.errno in errnos, c
+    if _platform.emulated_cpu():
+        # the windows are a native CPU's: emulated (qemu-user, a TCG machine),
+        # reads start and faults land 0.1-2 s off them (seen on arm64/armhf)
+        return
     assert c.after is not None and lo <= c.after <= hi, c
 
 
