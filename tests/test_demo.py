@@ -77,8 +77,14 @@ def test_cell_physics(matrix, method, failure, busy):
         assert not c.detected, c
         return
     status, errnos, (lo, hi) = want
+    statuses = {status}
+    if method == "heartbeat" and failure == "kill":
+        # the dead process's kernel sends an RST, not a FIN, when our PING
+        # had arrived unread (close with unread data; seen on arm64 under TCG)
+        statuses.add("RESET")
+        errnos = errnos | {errno.ECONNRESET}
     assert c.detected, c
-    assert c.status == status and c.errno in errnos, c
+    assert c.status in statuses and c.errno in errnos, c
     if _platform.emulated_cpu():
         # the windows are a native CPU's: emulated (qemu-user, a TCG machine),
         # reads start and faults land 0.1-2 s off them (seen on arm64/armhf)
