@@ -16,7 +16,10 @@ sides, each against a fresh C peer process that answers PINGs:
 
 and then ``engine-busy``: the engine on N connections the peer keeps
 sending application data on (shared mode), where idle-only pinging sends
-(almost) nothing.
+(almost) nothing; and ``engine-gil``: the engine while the main Python
+thread spins 100% of the time holding the GIL and never calls the engine
+(its CPU is the process's minus the main thread's; the PINGs come from the
+engine's own thread, and their lateness is the number to watch).
 
 Tick lateness: how long after its due time a PING was actually sent (for the
 engine: after the tick boundary its deadline rounds up to; the tick is
@@ -401,6 +404,20 @@ def cpu_now() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def cpu_main_thread() -> float:
+    ru = resource.getrusage(resource.RUSAGE_THREAD)
+    return ru.ru_utime + ru.ru_stime
+
+
+def spin_until(t: float) -> int:
+    """Hold the GIL in pure Python until monotonic time ``t``."""
+    n = 0
+    while time.monotonic() < t:
+        for _ in range(10000):
+            n += 1
+    return n
+
+
 def connect_all(host: str, port: int, n: int) -> List[socket.socket]:
     socks = []
     for _ in range(n):
@@ -431,22 +448,32 @@ def role_engine(a: argparse.Namespace) -> Dict[str, Any]:
             deaths += len(eng.wait(max(0.0, t_add + a.interval * (k + 1) / a.n
                                        - time.monotonic())))
     t0 = time.monotonic()
+    if a.gil_busy:          # the application never calls in and holds the GIL
+        spin_until(t0 + a.warmup)
     while time.monotonic() < t0 + a.warmup:
         deaths += len(eng.wait(max(0.0, t0 + a.warmup - time.monotonic())))
     eng.reset_stats()
+    m0 = cpu_main_thread()
     c0, w0 = cpu_now(), time.monotonic()
     end = w0 + a.seconds
+    if a.gil_busy:
+        spin_until(end)
     while time.monotonic() < end:
         deaths += len(eng.wait(max(0.0, end - time.monotonic())))
+    m1 = cpu_main_thread()
     c1, w1 = cpu_now(), time.monotonic()
     st = eng.stats()
+    deaths += len(eng.wait(0))
+    if a.gil_busy:          # the engine thread's share: the process minus the spinner
+        # (process and thread clocks tick separately: tiny negative -> 0)
+        c1 = max(c0, c1 - (m1 - m0))
     eng.close()
     for s in socks:
         s.close()
     return {"cpu": c1 - c0, "window": w1 - w0, "pings": st.pings_sent,
             "pongs": st.pongs_received, "late_max": st.late_max, "late_mean": st.late_mean,
             "deaths": deaths, "timer_fires": st.timer_fires, "wakeups": st.wakeups,
-            "skipped": st.pings_skipped}
+            "skipped": st.pings_skipped, "graced": st.graced}
 
 
 def role_pyepoll(a: argparse.Namespace) -> Dict[str, Any]:
@@ -613,6 +640,8 @@ def run_case(name: str, exe: Path, ip: str, a: argparse.Namespace,
                 cmd.append("--shared")
             if name == "engine-burst":
                 cmd.append("--burst")
+            if name == "engine-gil":
+                cmd.append("--gil-busy")
         out = subprocess.run(cmd, capture_output=True, timeout=budget, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"{name} failed: {out.stderr.decode()[-2000:]}")
@@ -633,9 +662,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="measured window")
     ap.add_argument("--warmup", type=float, default=None)
     ap.add_argument("--cases",
-                    default="floor,floor-spread,engine,engine-burst,pyepoll,asyncio,engine-busy",
+                    default="floor,floor-spread,engine,engine-burst,pyepoll,asyncio,engine-busy,"
+                            "engine-gil",
                     help="comma-separated, from: floor, floor-spread, engine, engine-burst, "
-                         "pyepoll, asyncio, engine-busy")
+                         "pyepoll, asyncio, engine-busy, engine-gil")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds of all cases (the summary takes medians)")
@@ -645,6 +675,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--shared", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--burst", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--gil-busy", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     raise_nofile()
     if a.n is None:
@@ -696,7 +727,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-SAME_SCHEDULE = {"engine": "floor-spread", "engine-busy": "floor-spread",
+SAME_SCHEDULE = {"engine": "floor-spread", "engine-busy": "floor-spread", "engine-gil": "floor-spread",
                  "engine-burst": "floor", "pyepoll": "floor", "asyncio": "floor"}
 
 

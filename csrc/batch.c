@@ -32,27 +32,38 @@ struct batch_priv {
     int *badlist;            /* [nbad] entries bad at build (ascending) */
     int *scratch;            /* [cap] good entries found dead by a sweep */
     uint8_t *bad;            /* [cap] build-time marks */
+    short *lastrev;          /* [cap] revents behind each entry's poll verdict */
+    unsigned int gen;        /* fl_fork_generation() when built */
 };
 
-/* Status and errno by tcpi_state, as fl_check_tcp_info decides. */
-static const uint8_t state_status[16] = {
-    [0] = FL_INVALID,
-    [TCP_ESTABLISHED] = FL_ALIVE, [TCP_SYN_SENT] = FL_INVALID,
-    [TCP_SYN_RECV] = FL_INVALID, [TCP_FIN_WAIT1] = FL_ALIVE,
-    [TCP_FIN_WAIT2] = FL_ALIVE, [TCP_TIME_WAIT] = FL_PEER_CLOSED,
-    [TCP_CLOSE] = FL_CLOSED, [TCP_CLOSE_WAIT] = FL_PEER_CLOSED,
-    [TCP_LAST_ACK] = FL_PEER_CLOSED, [TCP_LISTEN] = FL_INVALID,
-    [TCP_CLOSING] = FL_PEER_CLOSED,
-    [12] = FL_INVALID, [13] = FL_INVALID, [14] = FL_INVALID, [15] = FL_INVALID,
-};
+/* A sweep in a forked child would take the parent's pending errors
+ * (SO_ERROR, recv) from the shared sockets: refused. */
+#define CHECK_FORK(pv) do {                                  \
+        if ((pv)->gen != fl_fork_generation())               \
+            return -FL_E_FORKED;                             \
+    } while (0)
 
-static int state_err(int st)
+/* One entry's verdict from fl_verdict_decide into the result arrays.
+ * keep: the entry's reason (RESET, TIMED_OUT, ...) stays when this sweep
+ * sees only the hangup it left (the kernel hands an error out once). */
+static void put(struct fl_batch *b, int i, const struct fl_verdict *v, int keep)
 {
-    if (st == TCP_LISTEN)
-        return EOPNOTSUPP;
-    if (st == TCP_SYN_SENT || st == TCP_SYN_RECV || st > 15)
-        return ENOTCONN;
-    return st == 0 ? EOPNOTSUPP : 0;
+    b->flags[i] = (uint8_t)v->flags;
+    b->tcp_state[i] = (uint8_t)(v->tcp_state > 0 ? v->tcp_state : 0);
+    if (keep && v->err == 0 &&
+        (v->status == FL_CLOSED || v->status == FL_PEER_CLOSED))
+        return;
+    b->status[i] = (uint8_t)v->status;
+    b->err[i] = v->err;
+}
+
+static void decide(struct fl_batch *b, int i, int err, int st, int seen, int keep)
+{
+    struct fl_verdict v;
+
+    v.flags = 0;
+    fl_verdict_decide(err, st, seen, &v);
+    put(b, i, &v, keep);
 }
 
 /* A reason worth keeping across sweeps of the same method: the kernel
@@ -111,6 +122,7 @@ static int reserve(struct fl_batch *b, int n)
     GROW(pv->badlist);
     GROW(pv->scratch);
     GROW(pv->bad);
+    GROW(pv->lastrev);
     if (b->info)
         GROW(b->info);
 #undef GROW
@@ -134,10 +146,57 @@ static void mark_bad(struct fl_batch *b, int i, int err)
     b->err[i] = err;
 }
 
+/* Duplicates: sort (fd, index) and mark every copy after the first. */
+static int mark_duplicates(struct fl_batch *b, const int *fds, int n)
+{
+    uint64_t *keys;
+    int i;
+
+    if (n < 2)
+        return 0;
+    keys = malloc((size_t)n * sizeof *keys);
+    if (!keys)
+        return -ENOMEM;
+    for (i = 0; i < n; i++)
+        keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
+    qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
+    for (i = 1; i < n; i++)
+        if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
+            mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
+    free(keys);
+    return 0;
+}
+
+/* Every entry not already bad: one TCP_INFO read, decided by the rule
+ * (not open, not a socket, not TCP, listening, connecting, never
+ * connected: bad). */
+static void mark_invalid(struct fl_batch *b, const int *fds, int n)
+{
+    struct batch_priv *pv = b->priv;
+    struct fl_verdict v;
+    int i, st, seen;
+
+    for (i = 0; i < n; i++) {
+        if (pv->bad[i])
+            continue;
+        if (fds[i] < 0) {
+            mark_bad(b, i, EBADF);
+            continue;
+        }
+        seen = 0;
+        st = fl_tcp_state_seen(fds[i], &seen);
+        v.flags = 0;
+        fl_verdict_decide(st < 0 ? -st : 0, st < 0 ? -1 : st, seen, &v);
+        if (v.status == FL_INVALID) {
+            mark_bad(b, i, v.err);
+            b->tcp_state[i] = (uint8_t)(st > 0 ? st : 0);
+        }
+    }
+}
+
 int fl_batch_set(struct fl_batch *b, const int *fds, int n)
 {
     struct batch_priv *pv = b->priv;
-    uint64_t *keys = NULL;
     int i, r, nd, ng;
 
     if (n < 0)
@@ -153,38 +212,11 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
         set_alive(b, i);
         pv->bad[i] = 0;
     }
-    /* Duplicates: sort (fd, index) and mark every copy after the first. */
-    if (n > 1) {
-        keys = malloc((size_t)n * sizeof *keys);
-        if (!keys) {
-            b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
-            return -ENOMEM;
-        }
-        for (i = 0; i < n; i++)
-            keys[i] = ((uint64_t)(uint32_t)fds[i] << 32) | (uint32_t)i;
-        qsort(keys, (size_t)n, sizeof *keys, cmp_u64);
-        for (i = 1; i < n; i++)
-            if ((keys[i] >> 32) == (keys[i - 1] >> 32) && fds[keys[i] & 0xffffffffu] >= 0)
-                mark_bad(b, (int)(keys[i] & 0xffffffffu), EEXIST);
-        free(keys);
+    if (mark_duplicates(b, fds, n) < 0) {
+        b->n = b->ndead = b->nbad = pv->ngood = 0;  /* empty, not half-built */
+        return -ENOMEM;
     }
-    for (i = 0; i < n; i++) {
-        int st;
-
-        if (pv->bad[i])
-            continue;
-        if (fds[i] < 0) {
-            mark_bad(b, i, EBADF);
-            continue;
-        }
-        st = fl_tcp_state(fds[i]);
-        if (st < 0) {
-            mark_bad(b, i, -st);
-        } else if (st == TCP_LISTEN || st == TCP_SYN_SENT || st == TCP_SYN_RECV) {
-            mark_bad(b, i, state_err(st));
-            b->tcp_state[i] = (uint8_t)st;
-        }
-    }
+    mark_invalid(b, fds, n);
     /* Sweeps walk only the good entries, packed; the bad ones keep their
      * build-time verdict and are merged into dead[] in order. */
     for (i = 0, nd = 0, ng = 0; i < n; i++) {
@@ -195,10 +227,12 @@ int fl_batch_set(struct fl_batch *b, const int *fds, int n)
             pv->pfd[ng].fd = fds[i];
             pv->pfd[ng].events = POLLIN | POLLRDHUP;
             pv->pfd[ng].revents = 0;
+            pv->lastrev[ng] = 0;
             pv->map[ng++] = i;
         }
     }
     pv->ngood = ng;
+    pv->gen = fl_fork_generation();
     b->ndead = b->nbad = nd;
     return 0;
 }
@@ -241,6 +275,7 @@ void fl_batch_free(struct fl_batch *b)
         free(pv->badlist);
         free(pv->scratch);
         free(pv->bad);
+        free(pv->lastrev);
         free(pv);
     }
     free(b->fds);
@@ -256,38 +291,27 @@ void fl_batch_free(struct fl_batch *b)
 
 
 
-/* The slow path of the poll sweep: revents != 0 on a good entry. */
+/* The slow path of the poll sweep: revents != 0 on a good entry.  A
+ * hangup or error needs the state to be read (the peer's FIN and our own
+ * SHUT_RD raise the same bits); data alone does not. */
 static void poll_verdict(struct fl_batch *b, int i, short rev)
 {
-    int keep = sticky(b, i, FL_M_POLL);
+    int keep = sticky(b, i, FL_M_POLL), err = 0, st = -1;
 
-    b->flags[i] = 0;
-    b->tcp_state[i] = 0;
     if (rev & POLLNVAL) {
-        b->status[i] = FL_INVALID;
-        b->err[i] = EBADF;
-    } else if (rev & POLLERR) {
-        int err = take_so_error(b->fds[i]);
-        if (err) {
-            b->status[i] = (uint8_t)fl_status_of_errno(err);
-            b->err[i] = err;
-        } else if (!keep) {
-            b->status[i] = FL_CLOSED;
-            b->err[i] = 0;
-        }
-    } else if (rev & (POLLHUP | POLLRDHUP)) {
-        if (!keep) {
-            b->status[i] = FL_PEER_CLOSED;
-            b->err[i] = 0;
-        }
-        if (!(rev & POLLHUP))
-            b->flags[i] = FL_F_WRITE_OPEN;
-    } else {
-        b->status[i] = FL_ALIVE;
-        b->err[i] = 0;
-        if (rev & POLLIN)
-            b->flags[i] = FL_F_DATA_PENDING;
+        decide(b, i, 0, -1, FL_EV_NVAL, 0);
+        return;
     }
+    if (rev & POLLERR)
+        err = take_so_error(b->fds[i]);
+    if (rev & (POLLERR | POLLHUP | POLLRDHUP)) {
+        st = fl_tcp_state(b->fds[i]);
+        if (st < 0) {
+            decide(b, i, -st, -1, 0, 0);
+            return;
+        }
+    }
+    decide(b, i, err, st, rev, keep);
 }
 
 /* dead[] = the good entries a sweep found dead (scratch[0..ng), ascending)
@@ -314,22 +338,17 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
     struct batch_priv *pv = b->priv;
     struct pollfd *pfd = pv->pfd;
     const int *map = pv->map;
-    int64_t deadline = mono_ms() + (timeout_ms > 0 ? timeout_ms : 0);
     int j, r, ng = 0, n = pv->ngood;
 
+    CHECK_FORK(pv);
     if (timeout_ms < 0)
         return -EINVAL;
-    for (;;) {
-        r = poll(pfd, (nfds_t)n, timeout_ms);
-        if (r >= 0)
-            break;
-        if (errno != EINTR)
-            return -errno;
-        {
-            int64_t left = deadline - mono_ms();
-            timeout_ms = left > 0 ? (int)left : 0;
-        }
-    }
+    /* -EINTR goes back to the caller at once (PEP 475: Python runs the
+     * signal handler and calls again with the time left); the arrays keep
+     * the previous sweep's results. */
+    r = poll(pfd, (nfds_t)n, timeout_ms);
+    if (r < 0)
+        return -errno;
     for (j = 0; j < n; j++) {
         short rev = pfd[j].revents;
         int i = map[j];
@@ -338,6 +357,16 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
             set_alive(b, i);
             continue;
         }
+        /* A hangup seen by the last poll sweep with the same bits: its
+         * verdict stands (a FIN or an RST does not go away) and costs no
+         * syscall.  Our own SHUT_RD is re-decided: the peer's FIN may have
+         * come since, with the same bits. */
+        if (rev == pv->lastrev[j] && b->method == FL_M_POLL &&
+            b->status[i] != FL_ALIVE && !(b->flags[i] & FL_F_LOCAL_SHUTDOWN)) {
+            pv->scratch[ng++] = i;
+            continue;
+        }
+        pv->lastrev[j] = rev;
         poll_verdict(b, i, rev);
         if (b->status[i] != FL_ALIVE)
             pv->scratch[ng++] = i;
@@ -352,32 +381,27 @@ int fl_batch_sweep_states(struct fl_batch *b)
     const int *map = pv->map;
     int j, ng = 0, n = pv->ngood;
 
+    CHECK_FORK(pv);
     for (j = 0; j < n; j++) {
         int i = map[j];
-        uint8_t st = 0, s;
+        uint8_t st = 0;
         socklen_t len = 1;
 
         if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, &st, &len) < 0) {
-            int err = errno;
-            b->status[i] = FL_INVALID;
-            b->err[i] = err;
-            b->tcp_state[i] = 0;
-            b->flags[i] = 0;
+            decide(b, i, errno, -1, 0, 0);
             pv->scratch[ng++] = i;
             continue;
         }
-        if (len < 1)
-            st = 0;
-        s = state_status[st & 15];
-        b->tcp_state[i] = st;
-        b->status[i] = s;
-        b->flags[i] = 0;
-        if (s == FL_ALIVE) {
+        if (len >= 1 && st == TCP_ESTABLISHED) {
+            b->tcp_state[i] = st;
+            b->status[i] = FL_ALIVE;
             b->err[i] = 0;
-        } else {
-            b->err[i] = s == FL_INVALID ? state_err(st) : 0;
-            pv->scratch[ng++] = i;
+            b->flags[i] = 0;
+            continue;
         }
+        decide(b, i, len < 1 ? EOPNOTSUPP : 0, len < 1 ? -1 : st, 0, 0);
+        if (b->status[i] != FL_ALIVE)
+            pv->scratch[ng++] = i;
     }
     return finish(b, ng, FL_M_TCP_INFO);
 }
@@ -390,6 +414,7 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
     struct fl_tcp_info *info;
     int j, ng = 0, n = pv->ngood;
 
+    CHECK_FORK(pv);
     if (!b->info) {
         /* Once per batch: the record array is only needed by this sweep. */
         b->info = calloc((size_t)pv->cap, sizeof *b->info);
@@ -401,26 +426,26 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
         int i = map[j];
         socklen_t len = sizeof *info;
         struct fl_tcp_info *ti = &info[i];
-        uint8_t st, s;
 
         if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, ti, &len) < 0) {
-            int err = errno;
             b->info_len[i] = 0;
-            b->status[i] = FL_INVALID;
-            b->err[i] = err;
-            b->tcp_state[i] = 0;
-            b->flags[i] = 0;
+            decide(b, i, errno, -1, 0, 0);
             pv->scratch[ng++] = i;
             continue;
         }
         b->info_len[i] = (uint32_t)len;
-        st = len >= 1 ? ti->tcpi_state : 0;
-        s = state_status[st & 15];
-        b->tcp_state[i] = st;
-        b->status[i] = s;
-        b->err[i] = s == FL_INVALID ? state_err(st) : 0;
-        b->flags[i] = 0;
-        if (s != FL_ALIVE) {
+        if (len >= 1 && ti->tcpi_state == TCP_ESTABLISHED) {
+            b->tcp_state[i] = TCP_ESTABLISHED;
+            b->status[i] = FL_ALIVE;
+            b->err[i] = 0;
+            b->flags[i] = fl_tcp_info_suspect(ti, (int)len) ? FL_F_SUSPECT : 0;
+            continue;
+        }
+        if (len < 1)
+            decide(b, i, EOPNOTSUPP, -1, 0, 0);
+        else
+            decide(b, i, 0, ti->tcpi_state, 0, 0);
+        if (b->status[i] != FL_ALIVE) {
             pv->scratch[ng++] = i;
             continue;
         }
@@ -430,6 +455,20 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
     return finish(b, ng, FL_M_TCP_INFO);
 }
 
+/* The slow path of the peek sweep: recv returned 0 or an error other than
+ * EAGAIN.  The state tells the peer's FIN from our own SHUT_RD. */
+static void peek_verdict(struct fl_batch *b, int i, int fd, ssize_t r, int err)
+{
+    int st = fl_tcp_state(fd);
+
+    if (st < 0) {
+        decide(b, i, -st, -1, 0, 0);
+        return;
+    }
+    decide(b, i, r < 0 ? err : 0, st, r == 0 ? FL_EV_EOF : 0,
+           sticky(b, i, FL_M_PEEK));
+}
+
 int fl_batch_sweep_peek(struct fl_batch *b)
 {
     struct batch_priv *pv = b->priv;
@@ -437,43 +476,25 @@ int fl_batch_sweep_peek(struct fl_batch *b)
     const int *map = pv->map;
     int j, ng = 0, n = pv->ngood;
 
+    CHECK_FORK(pv);
     for (j = 0; j < n; j++) {
         int i = map[j];
         char byte;
         ssize_t r = recv(pfd[j].fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        int err = r < 0 ? errno : 0;
 
-        if (r < 0) {
-            int err = errno;
-            if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR) {
-                set_alive(b, i);
-                continue;
-            }
-            b->tcp_state[i] = 0;
-            b->flags[i] = 0;
-            if (err == ENOTCONN) {
-                /* Built connected, now not: the kernel closed it (the
-                 * reason, if any, was taken by an earlier read). */
-                if (!sticky(b, i, FL_M_PEEK)) {
-                    b->status[i] = FL_CLOSED;
-                    b->err[i] = 0;
-                }
-            } else {
-                b->status[i] = (uint8_t)fl_status_of_errno(err);
-                b->err[i] = err;
-            }
-            pv->scratch[ng++] = i;
-        } else if (r == 0) {
-            if (!sticky(b, i, FL_M_PEEK)) {
-                b->status[i] = FL_PEER_CLOSED;
-                b->err[i] = 0;
-            }
-            b->tcp_state[i] = 0;
-            b->flags[i] = 0;
-            pv->scratch[ng++] = i;
-        } else {
+        if (r > 0) {
             set_alive(b, i);
             b->flags[i] = FL_F_DATA_PENDING;
+            continue;
         }
+        if (r < 0 && (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)) {
+            set_alive(b, i);
+            continue;
+        }
+        peek_verdict(b, i, pfd[j].fd, r, err);
+        if (b->status[i] != FL_ALIVE)
+            pv->scratch[ng++] = i;
     }
     return finish(b, ng, FL_M_PEEK);
 }

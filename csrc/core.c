@@ -7,7 +7,9 @@
 #include "fl_core.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <string.h>
 #include <sys/select.h>
 #include <sys/socket.h>
@@ -52,7 +54,7 @@ int fl_status_of_errno(int err)
     case EINTR:
         return FL_ALIVE;
     case ECONNRESET:
-    case EPIPE:         /* after RST, or our own shutdown(SHUT_WR) */
+    case EPIPE:         /* after RST (see fl_verdict_decide for SHUT_WR) */
     case ECONNABORTED:
         return FL_RESET;
     case ETIMEDOUT:
@@ -75,11 +77,129 @@ int fl_status_of_errno(int err)
     }
 }
 
-/* EAGAIN and EINTR are "nothing to report", not errors: no errno kept. */
-static void verdict_errno(struct fl_verdict *v, int err)
+/* --- the one rule (see fl_core.h) --------------------------------------- */
+
+static void set_status(struct fl_verdict *v, int status, int err)
 {
-    v->status = fl_status_of_errno(err);
-    v->err = v->status == FL_ALIVE ? 0 : err;
+    v->status = status;
+    v->err = err;
+}
+
+/* Rules 1-2: not a connected TCP socket.  Nonzero when decided. */
+static int decide_invalid(int err, int st, int seen, struct fl_verdict *v)
+{
+    if (seen & FL_EV_NVAL) {
+        set_status(v, FL_INVALID, EBADF);
+        return 1;
+    }
+    switch (err) {
+    case EBADF: case ENOTSOCK: case EOPNOTSUPP: case ENOPROTOOPT:
+    case EINVAL: case EFAULT:
+        set_status(v, FL_INVALID, err);
+        return 1;
+    default:
+        break;
+    }
+    if (st < 0)
+        return 0;
+    if (st == TCP_LISTEN) {
+        set_status(v, FL_INVALID, EOPNOTSUPP);
+        return 1;
+    }
+    if (st == TCP_SYN_SENT || st == TCP_SYN_RECV || st == 0 || st > TCP_CLOSING ||
+        (st == TCP_CLOSE && (seen & FL_EV_UNCONNECTED))) {
+        set_status(v, FL_INVALID, ENOTCONN);
+        return 1;
+    }
+    return 0;
+}
+
+/* Rules 3-5: an errno (EAGAIN/EINTR already filtered out). */
+static void decide_errno(int err, int st, struct fl_verdict *v)
+{
+    if (err == ENOTCONN) {
+        if (st == TCP_CLOSE)
+            set_status(v, FL_CLOSED, 0);
+        else
+            set_status(v, FL_INVALID, ENOTCONN);
+        return;
+    }
+    if (err == EPIPE) {
+        if (st == TCP_FIN_WAIT1 || st == TCP_FIN_WAIT2) {
+            set_status(v, FL_CLOSED, EPIPE);
+            v->flags |= FL_F_LOCAL_SHUTDOWN;
+            return;
+        }
+        if (st == TCP_CLOSING || st == TCP_TIME_WAIT || st == TCP_LAST_ACK) {
+            set_status(v, FL_PEER_CLOSED, EPIPE);
+            v->flags |= FL_F_LOCAL_SHUTDOWN;
+            return;
+        }
+    }
+    set_status(v, fl_status_of_errno(err), err);
+}
+
+/* Rules 7-9: the state and the hangup bits.  Nonzero when decided. */
+static int decide_hangup(int st, int seen, struct fl_verdict *v)
+{
+    int shut = seen & (FL_EV_HUP | FL_EV_RDHUP | FL_EV_EOF);
+
+    switch (st) {
+    case TCP_CLOSE:
+        set_status(v, FL_CLOSED, 0);
+        return 1;
+    case TCP_CLOSE_WAIT:
+        v->flags |= FL_F_WRITE_OPEN;
+        /* fall through */
+    case TCP_LAST_ACK:
+    case TCP_CLOSING:
+    case TCP_TIME_WAIT:
+        set_status(v, FL_PEER_CLOSED, 0);
+        return 1;
+    default:
+        break;
+    }
+    if (!shut)
+        return 0;
+    if (st >= 0) {              /* ESTABLISHED, FIN_WAIT1/2: no FIN came */
+        set_status(v, FL_CLOSED, 0);
+        v->flags |= FL_F_LOCAL_SHUTDOWN;
+    } else {
+        set_status(v, FL_PEER_CLOSED, 0);
+        if ((seen & FL_EV_RDHUP) && !(seen & FL_EV_HUP))
+            v->flags |= FL_F_WRITE_OPEN;
+    }
+    return 1;
+}
+
+void fl_verdict_decide(int err, int tcp_state, int seen, struct fl_verdict *v)
+{
+    int expired = seen & FL_EV_EXPIRED;
+
+    v->tcp_state = tcp_state;
+    if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR)
+        err = expired ? err : 0;
+    if (seen & FL_EV_DATA)
+        v->flags |= FL_F_DATA_PENDING;
+    if (decide_invalid(err, tcp_state, seen, v))
+        return;
+    if (expired) {
+        set_status(v, FL_TIMED_OUT, err ? err : EAGAIN);
+        return;
+    }
+    if (err) {
+        decide_errno(err, tcp_state, v);
+        return;
+    }
+    if (decide_hangup(tcp_state, seen, v))
+        return;
+    if (seen & FL_EV_ERR) {
+        set_status(v, FL_CLOSED, 0);
+        return;
+    }
+    set_status(v, FL_ALIVE, 0);
+    if (seen & FL_EV_IN)
+        v->flags |= FL_F_DATA_PENDING;
 }
 
 /* One getsockopt(TCP_INFO) of a single byte answers three questions at once:
@@ -111,215 +231,231 @@ int fl_tcp_info(int fd, struct fl_tcp_info *out)
     return (int)len;
 }
 
-/* Returns nonzero and fills *v when fd is not a connected TCP socket.
- * One getsockopt(TCP_INFO) answers it: EBADF / ENOTSOCK for closed fds and
- * non-sockets, EOPNOTSUPP for UDP and unix sockets, the state for TCP.
- * LISTEN and SYN_SENT have no peer; CLOSE is a finished connection unless
- * no segment ever went either way (a socket never connected). */
-static int reject_invalid(int fd, struct fl_verdict *v)
+#define SEGS_END ((int)(offsetof(struct fl_tcp_info, tcpi_segs_in) + 4))
+
+/* A record that says CLOSE and shows no segment ever: never connected. */
+static int unconnected(const struct fl_tcp_info *ti, int len)
+{
+    return ti->tcpi_state == TCP_CLOSE && len >= SEGS_END &&
+           ti->tcpi_segs_in == 0 && ti->tcpi_segs_out == 0;
+}
+
+int fl_tcp_state_seen(int fd, int *seen)
 {
     struct fl_tcp_info ti;
     int len = fl_tcp_info(fd, &ti);
 
-    if (len < 1) {
-        v->status = FL_INVALID;
-        v->err = len < 0 ? -len : EOPNOTSUPP;
-        return 1;
-    }
-    v->tcp_state = ti.tcpi_state;
-    if (ti.tcpi_state == TCP_LISTEN) {
-        v->status = FL_INVALID;
-        v->err = EOPNOTSUPP;
-        return 1;
-    }
-    if (ti.tcpi_state == TCP_SYN_SENT ||
-        (ti.tcpi_state == TCP_CLOSE &&
-         len >= (int)(offsetof(struct fl_tcp_info, tcpi_segs_in) + 4) &&
-         ti.tcpi_segs_in == 0 && ti.tcpi_segs_out == 0)) {
-        v->status = FL_INVALID;
-        v->err = ENOTCONN;
-        return 1;
-    }
-    return 0;
+    if (len < 0)
+        return len;
+    if (len < 1)
+        return -EOPNOTSUPP;
+    if (unconnected(&ti, len))
+        *seen |= FL_EV_UNCONNECTED;
+    return ti.tcpi_state;
 }
 
+/* --- fork ---------------------------------------------------------------- */
 
-/* Peek one byte without waiting and read the answer: bytes queued (alive,
- * DATA_PENDING), 0 = the peer's FIN (or, in state CLOSE, a connection the
- * kernel already closed), or the pending error.  Nothing is consumed. */
-static void peek_verdict(int fd, struct fl_verdict *v)
+static volatile unsigned int fork_generation;
+
+static void in_child(void)
+{
+    fork_generation++;
+}
+
+__attribute__((constructor)) static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, in_child);
+}
+
+unsigned int fl_fork_generation(void)
+{
+    return fork_generation;
+}
+
+/* --- the checks ------------------------------------------------------------ */
+
+/* Where a check starts: fills *v (INVALID) and returns nonzero when fd is
+ * not a connected TCP socket, so the check stops there; else *st and
+ * *seen hold what TCP_INFO said, for fl_verdict_decide. */
+static int observe(int fd, int *st, int *seen, struct fl_verdict *v)
+{
+    *seen = 0;
+    *st = fl_tcp_state_seen(fd, seen);
+    if (*st < 0) {
+        fl_verdict_decide(-*st, -1, 0, v);
+        return 1;
+    }
+    v->tcp_state = *st;
+    return decide_invalid(0, *st, *seen, v);
+}
+
+/* Peek one byte without waiting and decide from what came back: bytes
+ * queued (DATA), 0 bytes (EOF: the peer's FIN, our SHUT_RD, or a closed
+ * connection, told apart by the state), or the pending error.  Nothing is
+ * consumed. */
+static void peek_decide(int fd, int st, int seen, struct fl_verdict *v)
 {
     char byte;
     ssize_t n = recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    int err = n < 0 ? errno : 0;
 
-    if (n > 0) {
-        v->flags |= FL_F_DATA_PENDING;
-    } else if (n == 0) {
-        v->status = v->tcp_state == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED;
-    } else {
-        verdict_errno(v, errno);
-        if (v->status == FL_INVALID && v->tcp_state == TCP_CLOSE)
-            v->status = FL_CLOSED, v->err = 0;      /* ENOTCONN after close */
-    }
+    if (n > 0)
+        seen |= FL_EV_DATA;
+    else if (n == 0)
+        seen |= FL_EV_EOF;
+    fl_verdict_decide(err, st, seen, v);
 }
 
 void fl_check_peek(int fd, struct fl_verdict *v)
 {
+    int st, seen;
+
     verdict_init(v, FL_M_PEEK);
-    if (!reject_invalid(fd, v))
-        peek_verdict(fd, v);
+    if (!observe(fd, &st, &seen, v))
+        peek_decide(fd, st, seen, v);
 }
 
 void fl_check_so_error(int fd, struct fl_verdict *v)
 {
+    int st, seen;
+
     verdict_init(v, FL_M_SO_ERROR);
-    if (reject_invalid(fd, v))
+    if (observe(fd, &st, &seen, v))
         return;
-    verdict_errno(v, take_so_error(fd));
-    if (v->status == FL_ALIVE && v->tcp_state == TCP_CLOSE)
-        v->status = FL_CLOSED;
+    fl_verdict_decide(take_so_error(fd), st, seen, v);
 }
 
 long fl_send(int fd, const void *buf, size_t len, int flags, struct fl_verdict *v)
 {
     ssize_t n;
+    int st, seen;
 
     verdict_init(v, FL_M_SEND);
     if (fd < 0) {
-        v->status = FL_INVALID;
-        v->err = EBADF;
+        set_status(v, FL_INVALID, EBADF);
         return -EBADF;
     }
     n = send(fd, buf, len, flags | MSG_NOSIGNAL);
     if (n < 0) {
         int err = errno;
-        /* EPIPE also means "never connected" or "not TCP": only on this
-         * error path is the socket itself examined. */
-        if (!reject_invalid(fd, v))
-            verdict_errno(v, err);
+        /* Only on this error path is the socket itself examined: EPIPE
+         * means an RST, our own SHUT_WR, or "never connected"; the state
+         * tells which. */
+        if (!observe(fd, &st, &seen, v))
+            fl_verdict_decide(err, st, seen, v);
         return -err;
     }
     return (long)n;
 }
 
 
-/* poll() one fd, retrying EINTR against the original deadline. */
+/* poll() one fd once: the count, or -errno (-EINTR included: the caller
+ * hands the signal to Python and comes back with the time left). */
 static int poll_one(int fd, short events, int timeout_ms, short *revents)
 {
     struct pollfd p;
-    int64_t deadline = timeout_ms >= 0 ? mono_ms() + timeout_ms : 0;
     int r;
 
-    for (;;) {
-        p.fd = fd;
-        p.events = events;
-        p.revents = 0;
-        r = poll(&p, 1, timeout_ms);
-        if (r >= 0)
-            break;
-        if (errno != EINTR)
-            return -errno;
-        if (timeout_ms >= 0) {
-            int64_t left = deadline - mono_ms();
-            timeout_ms = left > 0 ? (int)left : 0;
-        }
-    }
+    p.fd = fd;
+    p.events = events;
+    p.revents = 0;
+    r = poll(&p, 1, timeout_ms);
+    if (r < 0)
+        return -errno;
     *revents = r ? p.revents : 0;
     return r;
 }
 
-/* Turns poll revents into a verdict.  POLLERR carries a pending error
- * (taken with SO_ERROR); POLLHUP means both directions are shut; POLLRDHUP
- * alone means the peer sent FIN and may still be reading (half-close). */
-static void verdict_revents(int fd, short rev, struct fl_verdict *v)
+/* The state again once there is news (it may have moved while poll
+ * slept): nonzero with *v decided when the fd went bad meanwhile. */
+static int observe_again(int fd, int *st, int *seen, struct fl_verdict *v)
 {
-    if (rev & POLLNVAL) {
-        v->status = FL_INVALID;
-        v->err = EBADF;
-    } else if (rev & POLLERR) {
-        int err = take_so_error(fd);
-        if (err)
-            verdict_errno(v, err);
-        else
-            v->status = FL_CLOSED;
-    } else if (rev & POLLHUP) {
-        v->status = v->tcp_state == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED;
-    } else if (rev & POLLRDHUP) {
-        v->status = FL_PEER_CLOSED;
-        v->flags |= FL_F_WRITE_OPEN;
+    int s = fl_tcp_state_seen(fd, seen);
+
+    if (s < 0) {
+        fl_verdict_decide(-s, -1, 0, v);
+        return 1;
     }
-    if (rev & POLLIN && !(rev & (POLLERR | POLLHUP | POLLRDHUP)))
-        v->flags |= FL_F_DATA_PENDING;
+    *st = s;
+    return 0;
 }
 
-void fl_check_poll(int fd, int timeout_ms, struct fl_verdict *v)
+int fl_check_poll(int fd, int timeout_ms, struct fl_verdict *v)
 {
     short rev = 0;
-    int r;
+    int r, st, seen, err;
 
     verdict_init(v, FL_M_POLL);
-    if (reject_invalid(fd, v))
-        return;
+    if (observe(fd, &st, &seen, v))
+        return 0;
     r = poll_one(fd, POLLIN | POLLRDHUP, timeout_ms, &rev);
+    if (r == -EINTR)
+        return r;
     if (r < 0) {
-        v->status = FL_INVALID;
-        v->err = -r;
-        return;
+        fl_verdict_decide(-r, st, seen, v);
+        return 0;
     }
-    verdict_revents(fd, rev, v);
+    if (rev && observe_again(fd, &st, &seen, v))
+        return 0;
+    /* POLLERR brings the pending error, taken with SO_ERROR (which clears
+     * it: the kernel hands it out once). */
+    err = (rev & POLLERR) ? take_so_error(fd) : 0;
+    fl_verdict_decide(err, st, seen | (rev & 0xffff), v);
+    return 0;
+}
+
+/* select() once for readability: 1 readable, 0 not, -errno. */
+static int select_one(int fd, int timeout_ms)
+{
+    fd_set rfds;
+    struct timeval tv, *tvp = NULL;
+    int r;
+
+    FD_ZERO(&rfds);
+    FD_SET(fd, &rfds);
+    if (timeout_ms >= 0) {
+        tv.tv_sec = (time_t)(timeout_ms / 1000);
+        tv.tv_usec = (suseconds_t)((timeout_ms % 1000) * 1000);
+        tvp = &tv;
+    }
+    r = select(fd + 1, &rfds, NULL, NULL, tvp);
+    if (r < 0)
+        return -errno;
+    return r > 0 && FD_ISSET(fd, &rfds);
 }
 
 /* The article's method: select() for readability, then look at what is
  * there.  The article read()s; we peek, so the application's bytes stay.
  * select() can only name fds below FD_SETSIZE (FD_SET beyond it writes past
  * the fd_set); larger fds are checked with poll() and flagged. */
-void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v)
+int fl_check_select(int fd, int timeout_ms, struct fl_verdict *v)
 {
-    fd_set rfds;
-    struct timeval tv, *tvp = NULL;
-    int64_t deadline = 0;
-    int r;
+    int r, st, seen;
 
     verdict_init(v, FL_M_SELECT);
-    if (reject_invalid(fd, v))
-        return;
+    if (observe(fd, &st, &seen, v))
+        return 0;
     if (fd >= FD_SETSIZE) {
         short rev = 0;
         v->flags |= FL_F_SELECT_FALLBACK;
         r = poll_one(fd, POLLIN, timeout_ms, &rev);
-        if (r < 0) {
-            v->status = FL_INVALID;
-            v->err = -r;
-            return;
-        }
-        if (!(rev & (POLLIN | POLLERR | POLLHUP)))
-            return;
+        if (r >= 0)
+            r = (rev & (POLLIN | POLLERR | POLLHUP)) != 0;
     } else {
-        if (timeout_ms >= 0)
-            deadline = mono_ms() + timeout_ms;
-        for (;;) {
-            FD_ZERO(&rfds);
-            FD_SET(fd, &rfds);
-            if (timeout_ms >= 0) {
-                int64_t left = deadline - mono_ms();
-                if (left < 0)
-                    left = 0;
-                tv.tv_sec = (time_t)(left / 1000);
-                tv.tv_usec = (suseconds_t)((left % 1000) * 1000);
-                tvp = &tv;
-            }
-            r = select(fd + 1, &rfds, NULL, NULL, tvp);
-            if (r >= 0)
-                break;
-            if (errno != EINTR) {
-                verdict_errno(v, errno);
-                return;
-            }
-        }
-        if (r == 0 || !FD_ISSET(fd, &rfds))
-            return;    /* nothing to read: no news */
+        r = select_one(fd, timeout_ms);
     }
-    peek_verdict(fd, v);
+    if (r == -EINTR)
+        return r;
+    if (r < 0) {
+        fl_verdict_decide(-r, st, seen, v);
+        return 0;
+    }
+    if (r == 0)
+        return 0;              /* nothing to read: no news */
+    if (!observe_again(fd, &st, &seen, v))
+        peek_decide(fd, st, seen, v);
+    return 0;
 }
 
 /* TCP_INFO cannot see a peer that vanished silently: the state stays
@@ -329,51 +465,18 @@ void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v)
 void fl_check_tcp_info(int fd, struct fl_verdict *v)
 {
     struct fl_tcp_info ti;
-    int len;
+    int len, seen = 0;
 
     verdict_init(v, FL_M_TCP_INFO);
     len = fl_tcp_info(fd, &ti);
-    if (len < 0) {
-        v->status = FL_INVALID;
-        v->err = -len;
-        return;
-    }
     if (len < 1) {
-        v->status = FL_INVALID;
-        v->err = EOPNOTSUPP;
+        fl_verdict_decide(len < 0 ? -len : EOPNOTSUPP, -1, 0, v);
         return;
     }
-    v->tcp_state = ti.tcpi_state;
-    switch (ti.tcpi_state) {
-    case TCP_ESTABLISHED:
-    case TCP_FIN_WAIT1:
-    case TCP_FIN_WAIT2:
-        break;                          /* no news from the peer */
-    case TCP_CLOSE_WAIT:
-    case TCP_LAST_ACK:
-    case TCP_CLOSING:
-    case TCP_TIME_WAIT:
-        v->status = FL_PEER_CLOSED;     /* its FIN arrived */
-        break;
-    case TCP_CLOSE:
-        if (len >= (int)(offsetof(struct fl_tcp_info, tcpi_segs_in) + 4) &&
-            ti.tcpi_segs_in == 0 && ti.tcpi_segs_out == 0) {
-            v->status = FL_INVALID;     /* never connected */
-            v->err = ENOTCONN;
-            return;
-        }
-        v->status = FL_CLOSED;
-        break;
-    case TCP_LISTEN:
-        v->status = FL_INVALID;
-        v->err = EOPNOTSUPP;
-        return;
-    default:                            /* SYN_SENT, SYN_RECV */
-        v->status = FL_INVALID;
-        v->err = ENOTCONN;
-        return;
-    }
-    if (fl_tcp_info_suspect(&ti, len))
+    if (unconnected(&ti, len))
+        seen |= FL_EV_UNCONNECTED;
+    fl_verdict_decide(0, ti.tcpi_state, seen, v);
+    if (v->status != FL_INVALID && fl_tcp_info_suspect(&ti, len))
         v->flags |= FL_F_SUSPECT;
 }
 
@@ -497,34 +600,45 @@ int fl_set_timeouts(int fd, int64_t rcv_us, int64_t snd_us)
  * non-blocking sockets, and the final MSG_PEEK leaves the bytes in place.
  * EAGAIN here means only "nothing arrived in time": a live but quiet peer
  * looks exactly like a dead one. */
-void fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v)
+int fl_rcvtimeo_ms(int fd)
 {
-    int64_t rcv_us = 0, snd_us = 0;
+    int64_t rcv_us = 0, snd_us = 0, ms;
+    int r = fl_get_timeouts(fd, &rcv_us, &snd_us);
+
+    if (r < 0)
+        return r;
+    if (rcv_us <= 0)
+        return -EINVAL;             /* no timeout: would block forever */
+    ms = (rcv_us + 999) / 1000;     /* round up: never 0 (poll's "now") */
+    if (ms > INT_MAX)
+        return -EINVAL;             /* beyond what poll() can wait */
+    return (int)ms;
+}
+
+int fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v)
+{
     short rev = 0;
-    int r;
+    int r, st, seen;
 
     verdict_init(v, FL_M_RCVTIMEO);
-    if (reject_invalid(fd, v))
-        return;
-    if (timeout_ms < 0) {
-        r = fl_get_timeouts(fd, &rcv_us, &snd_us);
-        if (r < 0 || rcv_us <= 0) {
-            v->status = FL_INVALID;
-            v->err = r < 0 ? -r : EINVAL;   /* no timeout: would block forever */
-            return;
-        }
-        timeout_ms = (int)((rcv_us + 999) / 1000);
+    if (observe(fd, &st, &seen, v))
+        return 0;
+    if (timeout_ms < 0 && (timeout_ms = fl_rcvtimeo_ms(fd)) < 0) {
+        fl_verdict_decide(-timeout_ms, st, seen, v);
+        return 0;
     }
     r = poll_one(fd, POLLIN, timeout_ms, &rev);
+    if (r == -EINTR)
+        return r;
     if (r < 0) {
-        v->status = FL_INVALID;
-        v->err = -r;
-        return;
+        fl_verdict_decide(-r, st, seen, v);
+        return 0;
     }
     if (r == 0) {
-        v->status = FL_TIMED_OUT;
-        v->err = EAGAIN;
-        return;
+        fl_verdict_decide(EAGAIN, st, seen | FL_EV_EXPIRED, v);
+        return 0;
     }
-    peek_verdict(fd, v);
+    if (!observe_again(fd, &st, &seen, v))
+        peek_decide(fd, st, seen, v);
+    return 0;
 }

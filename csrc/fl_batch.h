@@ -15,12 +15,18 @@
  * FL_ALIVE (dead peers and bad entries alike).  A sweep returns ndead or
  * -errno (for a failure of the sweep itself, not of one socket).
  *
+ * Every verdict is decided by fl_verdict_decide (fl_core.h), the rule
+ * the single-socket checks and the Monitor use too.
+ *
  * Bad entries never fail a sweep: -1 and other negative fds, fds that are
- * not open, not sockets, not TCP, listening or still connecting get an
- * FL_INVALID verdict (err EBADF, ENOTSOCK, EOPNOTSUPP, EOPNOTSUPP, ENOTCONN)
- * when the batch is built; the second and later copies of the same fd get
+ * not open, not sockets, not TCP, listening, still connecting or never
+ * connected get an FL_INVALID verdict (err EBADF, ENOTSOCK, EOPNOTSUPP,
+ * EOPNOTSUPP, ENOTCONN, ENOTCONN) when the batch is built; the second and later copies of the same fd get
  * FL_INVALID with EEXIST.  Those entries are skipped by every sweep.  An fd
  * closed after the build shows up per sweep (POLLNVAL, EBADF).
+ *
+ * Every sweep returns -FL_E_FORKED in a forked child of the process that
+ * built the batch (it would take the parent's pending errors).
  */
 
 struct fl_batch {
@@ -46,8 +52,11 @@ void fl_batch_free(struct fl_batch *b);
 int  fl_batch_set(struct fl_batch *b, const int *fds, int n);
 
 /* One poll() of every entry for POLLIN|POLLRDHUP, timeout_ms >= 0 (0: just
- * look).  POLLERR takes the pending error with SO_ERROR; POLLHUP/POLLRDHUP
- * is the peer's FIN (PEER_CLOSED, WRITE_OPEN while we may still send). */
+ * look).  POLLERR takes the pending error with SO_ERROR; on a hangup the
+ * state is read to tell the peer's FIN (PEER_CLOSED, WRITE_OPEN while we
+ * may still send) from our own SHUT_RD (CLOSED, LOCAL_SHUTDOWN).  -EINTR
+ * at once when a signal interrupts the wait (the arrays keep the last
+ * sweep's results): the caller runs the handler and calls again. */
 int  fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms);
 /* One getsockopt(TCP_INFO) of one byte per entry: the state only. */
 int  fl_batch_sweep_states(struct fl_batch *b);

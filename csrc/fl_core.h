@@ -128,7 +128,11 @@ enum fl_flag {
     FL_F_DATA_PENDING = 1,   /* unread bytes wait in the receive queue */
     FL_F_SUSPECT = 2,        /* TCP_INFO: retransmits/probes/backoff climbing */
     FL_F_SELECT_FALLBACK = 4,/* fd >= FD_SETSIZE: select() replaced by poll() */
-    FL_F_WRITE_OPEN = 8      /* peer half-closed; our direction still open */
+    FL_F_WRITE_OPEN = 8,     /* peer half-closed; our direction still open */
+    FL_F_LOCAL_SHUTDOWN = 16,/* our own shutdown() (or close) explains what
+                                was seen: the peer is not blamed */
+    FL_F_BEHIND_BACK = 256   /* the fd was closed (or its number reused)
+                                behind an engine's back: INVALID, EBADF */
 };
 
 struct fl_verdict {
@@ -139,9 +143,86 @@ struct fl_verdict {
     int flags;       /* enum fl_flag bits */
 };
 
+/* ---- The one rule: what an observation of a socket means ---------------
+ *
+ * Every path that concludes something about a peer (the check_* functions,
+ * every Batch sweep, the Monitor, the heartbeat engine) collects what it saw
+ * - an errno, the TCP state, poll/epoll bits, what a read returned - and
+ * hands it to fl_verdict_decide(), which alone turns it into a status.
+ * Callers never map errno or state to a status themselves.
+ *
+ * seen: bits of enum fl_seen.  The poll bits have their poll(2)/epoll(7)
+ * values (POLLIN = EPOLLIN, ...), so revents can be passed as they are.
+ */
+enum fl_seen {
+    FL_EV_IN = 0x1,            /* readable (POLLIN / EPOLLIN) */
+    FL_EV_ERR = 0x8,           /* POLLERR: an error is pending (pass it as err) */
+    FL_EV_HUP = 0x10,          /* POLLHUP: both directions are shut */
+    FL_EV_NVAL = 0x20,         /* POLLNVAL: fd not open */
+    FL_EV_RDHUP = 0x2000,      /* POLLRDHUP: the read side is shut */
+    FL_EV_EOF = 0x10000,       /* a read returned 0 bytes */
+    FL_EV_DATA = 0x20000,      /* a read/peek returned bytes */
+    FL_EV_UNCONNECTED = 0x40000, /* TCP_INFO: CLOSE, and no segment ever went
+                                    either way: a socket never connected */
+    FL_EV_EXPIRED = 0x80000    /* the method's own deadline passed with
+                                  nothing heard (SO_RCVTIMEO, heartbeat) */
+};
+
+/* Decides status, err and flags of *v from one observation; sets
+ * v->tcp_state = tcp_state; leaves v->method alone and keeps flags the
+ * caller already set (only ORs).  err: the errno the path saw (SO_ERROR,
+ * a failed recv/send/getsockopt), 0 for none; EAGAIN/EWOULDBLOCK/EINTR
+ * count as none.  tcp_state: tcpi_state, or -1 when the path did not read
+ * it.  The rule, first match wins:
+ *
+ *   1. NVAL, EBADF, ENOTSOCK, EOPNOTSUPP, ENOPROTOOPT, EINVAL, EFAULT:
+ *      INVALID with that errno (EBADF for NVAL).  Callers add
+ *      FL_F_BEHIND_BACK when they know the fd was closed under them.
+ *   2. state LISTEN: INVALID/EOPNOTSUPP.  SYN_SENT, SYN_RECV, an unknown
+ *      state, or CLOSE + FL_EV_UNCONNECTED: INVALID/ENOTCONN (no peer yet).
+ *   3. ENOTCONN: CLOSED (err 0) in state CLOSE (it was connected: the
+ *      kernel closed it and an earlier call took the reason); else
+ *      INVALID/ENOTCONN.
+ *   4. EPIPE in FIN_WAIT1/FIN_WAIT2: our own SHUT_WR stopped the write and
+ *      the peer has sent nothing: CLOSED + LOCAL_SHUTDOWN, err EPIPE.
+ *      EPIPE in CLOSING/TIME_WAIT/LAST_ACK: both sides sent FIN:
+ *      PEER_CLOSED + LOCAL_SHUTDOWN, err EPIPE.  Any other EPIPE (state
+ *      CLOSE: the kernel sets EPIPE for an RST received in CLOSE_WAIT, and
+ *      every write after an RST fails so) is RESET.
+ *   5. Any other errno: ECONNRESET/ECONNABORTED RESET, ETIMEDOUT TIMED_OUT,
+ *      EHOSTUNREACH/ENETUNREACH/EHOSTDOWN/ENETDOWN UNREACHABLE, else ERROR.
+ *   6. FL_EV_EXPIRED: TIMED_OUT (err EAGAIN unless the caller gave one).
+ *   7. state CLOSE: CLOSED (err 0; the reason, if any, was taken earlier).
+ *   8. state CLOSE_WAIT (+ WRITE_OPEN: we may still send), LAST_ACK,
+ *      CLOSING, TIME_WAIT: the peer's FIN arrived: PEER_CLOSED.
+ *   9. HUP, RDHUP or EOF in ESTABLISHED/FIN_WAIT1/FIN_WAIT2: the read side
+ *      is shut but no FIN came: our own shutdown(SHUT_RD): CLOSED +
+ *      LOCAL_SHUTDOWN.  With the state unknown: PEER_CLOSED (+ WRITE_OPEN
+ *      for RDHUP without HUP) - callers that can read the state do.
+ *  10. ERR with no errno left to take: CLOSED.
+ *  11. Otherwise ALIVE (err 0), DATA_PENDING when DATA, or IN without any
+ *      hangup/error bit, was seen.  FIN_WAIT1/2 alone (our SHUT_WR, the
+ *      peer still there) is ALIVE. */
+void fl_verdict_decide(int err, int tcp_state, int seen, struct fl_verdict *v);
+
 /* Socket validation and errno classification. */
-int  fl_status_of_errno(int err);
+int  fl_status_of_errno(int err);          /* rule 5 alone, for errno only */
 int  fl_tcp_state(int fd);                 /* >= 0 state, or -errno */
+/* The state for fl_verdict_decide, from a TCP_INFO read long enough to
+ * tell a never-connected socket (Linux 4.2+ tcpi_segs_in/out): returns
+ * tcpi_state (or -errno; -EOPNOTSUPP for a non-TCP socket) and ORs
+ * FL_EV_UNCONNECTED into *seen for CLOSE with no segment ever. */
+int  fl_tcp_state_seen(int fd, int *seen);
+
+/* Errors of fastlive's own, returned negated like -errno. */
+enum fl_error {
+    FL_E_FORKED = 10001      /* the object was made in the parent of this
+                                forked process: the child must make its own */
+};
+
+/* fork(): a counter the child increments (pthread_atfork), so an object
+ * can tell it is being used in a forked child of the process that made it. */
+unsigned int fl_fork_generation(void);
 
 /* TCP_INFO: fills *out (zeroed first), returns bytes the kernel gave or -errno. */
 int  fl_tcp_info(int fd, struct fl_tcp_info *out);
@@ -152,9 +233,12 @@ void fl_check_so_error(int fd, struct fl_verdict *v);
 long fl_send(int fd, const void *buf, size_t len, int flags, struct fl_verdict *v);
 
 /* Method 2: readiness.  timeout_ms < 0 waits forever (the Python layer
- * never passes that).  select() falls back to poll() for fd >= FD_SETSIZE. */
-void fl_check_select(int fd, int timeout_ms, struct fl_verdict *v);
-void fl_check_poll(int fd, int timeout_ms, struct fl_verdict *v);
+ * never passes that).  select() falls back to poll() for fd >= FD_SETSIZE.
+ * Return 0, or -EINTR when a signal interrupted the wait (*v is then not
+ * filled): the caller runs its signal handlers and calls again with the
+ * time left (PEP 475). */
+int  fl_check_select(int fd, int timeout_ms, struct fl_verdict *v);
+int  fl_check_poll(int fd, int timeout_ms, struct fl_verdict *v);
 
 /* Method 3: TCP_INFO state, with the suspect signal.  The signal itself,
  * on a record of len bytes: retransmissions, keepalive probes or RTO
@@ -178,8 +262,13 @@ int  fl_set_keepalive(int fd, int enabled, int idle_s, int interval_s, int count
 /* Method 5: SO_RCVTIMEO / SO_SNDTIMEO, in microseconds (0 = no timeout). */
 int  fl_get_timeouts(int fd, int64_t *rcv_us, int64_t *snd_us);
 int  fl_set_timeouts(int fd, int64_t rcv_us, int64_t snd_us);
-/* Waits up to SO_RCVTIMEO (or timeout_ms when >= 0) for data, peeking only. */
-void fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v);
+/* SO_RCVTIMEO in whole milliseconds, rounded up: >= 1, or -errno:
+ * -EINVAL for none (0) and for one longer than 2**31 - 1 ms (24.8 days,
+ * what poll() takes): either would wait practically forever. */
+int  fl_rcvtimeo_ms(int fd);
+/* Waits up to SO_RCVTIMEO (timeout_ms < 0) or timeout_ms for data,
+ * peeking only.  0, or -EINTR as for fl_check_poll. */
+int  fl_check_rcvtimeo(int fd, int timeout_ms, struct fl_verdict *v);
 
 /* Build identity, checked at import against the Python package version. */
 const char *fl_version(void);

@@ -10,8 +10,17 @@
  * healthy connections are touched once per interval, busy ones once per
  * interval too (and get no PING).
  *
- * Memory is allocated in fl_hb_new and fl_hb_add only; fl_hb_wait does not
- * allocate.  All loops are bounded (events per wait, reads per event).
+ * The engine runs in its own thread (started by fl_hb_new, all signals
+ * blocked), so PINGs go out and PONGs are answered while the application's
+ * Python is busy or stopped in a GC pause: the thread never needs the GIL.
+ * One mutex guards everything; the thread drops it only while it sleeps
+ * (epoll_wait, or the coalescing sleep), so fl_hb_add/remove wait at most
+ * one pass of the loop.  Deaths are a queue of connection records (each
+ * registration dies at most once, so the queue needs no memory of its
+ * own); the deaths eventfd is readable while the queue is not empty.
+ *
+ * Memory is allocated in fl_hb_new and fl_hb_add only; the thread does not
+ * allocate.  All loops are bounded (events per pass, reads per event).
  */
 #include "fl_prelude.h"
 #include "sockutil.h"
@@ -20,9 +29,13 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -43,12 +56,14 @@
 #define SLOT_MASK (NSLOTS - 1)
 #define NIL (-1)
 #define MAX_EVENTS 256                      /* epoll events per epoll_wait */
-#define MAX_PASSES 64                       /* epoll_wait calls per fl_hb_wait(0) */
+#define MAX_PASSES 64                       /* full passes before the timers run unhurried */
 #define READS_PER_EVENT 4
 #define RX_CHUNK 512
 #define RTT_RING 1024
 #define FRAME_MAX (FL_HB_HEADER_LEN + FL_HB_MAX_PAYLOAD)
 #define TIMER_TAG UINT64_MAX
+#define PREALLOC_MAX (1 << 16)              /* records allocated up front at most */
+#define WAKE_TAG (UINT64_MAX - 1)
 
 enum { C_FREE = 0, C_LIVE = 1, C_DEAD = 2, C_GONE = 3 };
 
@@ -59,6 +74,7 @@ struct conn {
     int state;
     uint32_t gen;
     int misses;
+    int64_t progress_us;        /* 0, or vouch only while the app progresses */
     int32_t next, prev;         /* wheel list, free list, dead list */
     int slot;                   /* wheel slot, -1 when not in the wheel */
     int64_t interval_us;
@@ -68,6 +84,7 @@ struct conn {
     int64_t deadline_us;
     int64_t deadline_tick;
     int64_t ping_sent_us;       /* 0: no PING outstanding */
+    int64_t first_ping_us;      /* first PING since the last byte heard, or 0 */
     int64_t ping_due_us;        /* when that PING was due */
     uint64_t rx_bytes;          /* shared: tcpi_bytes_received at the last look */
     uint16_t seq, ping_seq;
@@ -77,9 +94,19 @@ struct conn {
     uint8_t tx[FL_HB_HEADER_LEN * 2]; /* rest of a partly sent frame */
     struct fl_verdict death;
     int64_t silent_us;
+    int64_t detected_us;
 };
 
 struct fl_hb {
+    pthread_mutex_t mu;
+    pthread_t thread;
+    unsigned int forkgen;       /* fl_fork_generation() of the owning process */
+    int running;                /* the thread was started and not joined */
+    int stop, closed;
+    int signalled;              /* evfd holds a count (deaths queued) */
+    int evfd;                   /* readable: deaths queued, or closed */
+    int wakefd;                 /* in the epoll set: wakes the thread */
+    int64_t progress_at_us;     /* the application's last fl_hb_progress */
     int epfd, tfd;
     int64_t tick_us;
     int64_t cur_tick;           /* every tick <= cur_tick is done */
@@ -89,6 +116,7 @@ struct fl_hb {
     int *fdmap;                 /* fd -> conn index, -1 */
     int fdmap_len;
     int32_t dead_head, dead_tail;
+    int queued;
     int32_t head[NSLOTS];
     uint64_t bits[NSLOTS / 64];
     struct fl_hb_event rtt[RTT_RING];
@@ -246,44 +274,64 @@ static void conn_free(struct fl_hb *hb, int32_t i)
     hb->nconn--;
 }
 
-/* Ends watching connection i and queues its death for fl_hb_wait. */
-static void conn_die(struct fl_hb *hb, int32_t i, int status, int err, int method,
+/* Makes the deaths eventfd readable (once per non-empty queue). */
+static void signal_deaths(struct fl_hb *hb)
+{
+    uint64_t one = 1;
+
+    if (hb->signalled)
+        return;
+    if (write(hb->evfd, &one, sizeof one) == (ssize_t)sizeof one)
+        hb->signalled = 1;
+}
+
+/* Ends watching connection i and queues its death for fl_hb_peek.  What
+ * the engine saw (err: an errno or 0; seen: enum fl_seen bits) is turned
+ * into the verdict by the one rule, fl_verdict_decide, with the socket's
+ * TCP state - except for EBADF: the fd was closed (or its number reused)
+ * behind the engine's back, so nothing is read from the number. */
+static void conn_die(struct fl_hb *hb, int32_t i, int err, int seen, int method,
                      int64_t silent_us)
 {
     struct conn *c = &hb->c[i];
+    struct fl_verdict v;
+    int st = -1;
 
     if (c->state != C_LIVE)
         return;
+    memset(&v, 0, sizeof v);
+    if (err != EBADF) {
+        st = fl_tcp_state_seen(c->fd, &seen);
+        if (st == -EBADF)
+            err = EBADF;
+        if (st < 0)
+            st = -1;
+    }
+    fl_verdict_decide(err, st, seen, &v);
+    if (v.status == FL_ALIVE) {     /* the engine gave up all the same */
+        v.status = FL_ERROR;
+        v.err = err ? err : EIO;
+    }
+    if (err == EBADF)
+        v.flags |= FL_F_BEHIND_BACK;
+    v.method = method;
+    if (c->ping_sent_us)
+        hb->st.misses++;        /* the last PING went unanswered */
     epoll_ctl(hb->epfd, EPOLL_CTL_DEL, c->fd, NULL); /* EBADF if closed: fine */
     wheel_unlink(hb, i);
     c->state = C_DEAD;
-    c->death.status = status;
-    c->death.err = err;
-    c->death.method = method;
-    c->death.tcp_state = -1;
-    c->death.flags = 0;
-    if (c->fd >= 0) {
-        int st = fl_tcp_state(c->fd);
-        c->death.tcp_state = st >= 0 ? st : -1;
-    }
+    c->death = v;
     c->silent_us = silent_us < 0 ? 0 : silent_us;
+    c->detected_us = mono_us();
     c->next = NIL;
     if (hb->dead_tail != NIL)
         hb->c[hb->dead_tail].next = i;
     else
         hb->dead_head = i;
     hb->dead_tail = i;
+    hb->queued++;
     hb->st.deaths++;
-}
-
-static void die_errno(struct fl_hb *hb, int32_t i, int err, int method, int64_t now)
-{
-    struct conn *c = &hb->c[i];
-    int st = fl_status_of_errno(err);
-
-    if (st == FL_ALIVE)      /* EAGAIN/EINTR never kill; defensive */
-        return;
-    conn_die(hb, i, st, err, method, now - c->last_heard_us);
+    signal_deaths(hb);
 }
 
 /* Sends what is left of a partly sent frame.  1 = clear, 0 = still pending,
@@ -336,10 +384,29 @@ static int send_frame(struct conn *c, int type, unsigned seq)
     return 1;
 }
 
-static void push_rtt(struct fl_hb *hb, int fd, int64_t rtt)
+static const int64_t rtt_bounds[FL_HB_RTT_BUCKETS] = {
+    100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000,
+    250000, 500000, 1000000, 2500000, 10000000, -1
+};
+
+int64_t fl_hb_rtt_bound(int i)
+{
+    return i >= 0 && i < FL_HB_RTT_BUCKETS ? rtt_bounds[i] : -1;
+}
+
+/* Counts one RTT in the histogram; queues it too for FL_HB_RTT. */
+static void push_rtt(struct fl_hb *hb, int32_t i, int64_t rtt)
 {
     struct fl_hb_event *e;
+    const struct conn *c = &hb->c[i];
+    int b = 0;
 
+    while (b < FL_HB_RTT_BUCKETS - 1 && rtt > rtt_bounds[b])
+        b++;
+    hb->st.rtt_hist[b]++;
+    hb->st.rtt_sum_us += rtt;
+    if (!(c->flags & FL_HB_RTT))
+        return;
     if (hb->rtt_len == RTT_RING) {
         hb->st.rtt_dropped++;
         return;
@@ -347,12 +414,22 @@ static void push_rtt(struct fl_hb *hb, int fd, int64_t rtt)
     e = &hb->rtt[(hb->rtt_head + hb->rtt_len) % RTT_RING];
     memset(e, 0, sizeof *e);
     e->kind = FL_HB_RTT_SAMPLE;
-    e->fd = fd;
+    e->fd = c->fd;
+    e->token = ((uint64_t)c->gen << 32) | (uint32_t)i;
+    e->detected_us = mono_us();
     e->verdict.status = FL_ALIVE;
     e->verdict.method = FL_M_HEARTBEAT;
     e->verdict.tcp_state = -1;
     e->rtt_us = rtt;
     hb->rtt_len++;
+}
+
+/* Whether the application stopped making progress for longer than this
+ * registration allows (then the engine no longer vouches for this end). */
+static int stalled(const struct fl_hb *hb, const struct conn *c, int64_t now)
+{
+    return c->progress_us
+        && now - __atomic_load_n(&hb->progress_at_us, __ATOMIC_RELAXED) > c->progress_us;
 }
 
 /* One complete frame from connection i. */
@@ -371,9 +448,13 @@ static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, i
         if (c->ping_sent_us && now - c->ping_sent_us < c->interval_us / 2)
             c->collided = 1;
         c->quiet_since_us = now;
+        if (stalled(hb, c, now)) {
+            hb->st.withheld++;
+            return;
+        }
         r = send_frame(c, FL_HB_PONG, f->seq);
         if (r < 0)
-            die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
+            conn_die(hb, i, -r, 0, FL_M_HEARTBEAT, now - c->last_heard_us);
         else if (r > 0)
             hb->st.pings_answered++;
     } else {
@@ -384,8 +465,7 @@ static void on_frame(struct fl_hb *hb, int32_t i, const struct fl_hb_frame *f, i
              * interval + round trip. */
             if (c->ping_due_us > c->quiet_since_us)
                 c->quiet_since_us = c->ping_due_us;
-            if (c->flags & FL_HB_RTT)
-                push_rtt(hb, c->fd, now - c->ping_sent_us);
+            push_rtt(hb, i, now - c->ping_sent_us);
             c->ping_sent_us = 0;
         }
     }
@@ -441,8 +521,7 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
      * now (closed behind our back while a dup kept the old one open): read
      * nothing that is not ours. */
     if (!same_socket(&hb->c[i])) {
-        conn_die(hb, i, FL_INVALID, EBADF, FL_M_HEARTBEAT, now - hb->c[i].last_heard_us);
-        hb->c[i].death.tcp_state = -1;
+        conn_die(hb, i, EBADF, 0, FL_M_HEARTBEAT, now - hb->c[i].last_heard_us);
         return;
     }
     for (k = 0; k < READS_PER_EVENT && hb->c[i].state == C_LIVE; k++) {
@@ -451,26 +530,27 @@ static void on_readable(struct fl_hb *hb, int32_t i, int64_t now)
         if (n > 0) {
             int r;
             c->last_heard_us = now;
+            c->first_ping_us = 0;
             hb->st.bytes_received += (uint64_t)n;
             r = feed(hb, i, buf, (size_t)n, now);
             if (r < 0) {
-                conn_die(hb, i, FL_ERROR, -r, FL_M_HEARTBEAT, 0);
+                conn_die(hb, i, -r, FL_EV_DATA, FL_M_HEARTBEAT, 0);
                 return;
             }
             if ((size_t)n < sizeof buf)
                 return;
         } else if (n == 0) {
             if (c->rxlen)   /* EOF inside a frame */
-                conn_die(hb, i, FL_ERROR, EPROTO, FL_M_HEARTBEAT, now - c->last_heard_us);
+                conn_die(hb, i, EPROTO, FL_EV_EOF, FL_M_HEARTBEAT, now - c->last_heard_us);
             else
-                conn_die(hb, i, FL_PEER_CLOSED, 0, FL_M_EPOLL, now - c->last_heard_us);
+                conn_die(hb, i, 0, FL_EV_EOF, FL_M_EPOLL, now - c->last_heard_us);
             return;
         } else if (errno == EINTR) {
             continue;
         } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
             return;
         } else {
-            die_errno(hb, i, errno, FL_M_EPOLL, now);
+            conn_die(hb, i, errno, 0, FL_M_EPOLL, now - c->last_heard_us);
             return;
         }
     }
@@ -520,93 +600,150 @@ static void on_shared_event(struct fl_hb *hb, int32_t i, uint32_t ev, int64_t no
 
     if (silent >= 0)
         shared_heard(c, now, silent, bytes);
-    if (ev & EPOLLERR) {
-        int err = take_so_error(c->fd);
-        if (err) {
-            die_errno(hb, i, err, FL_M_EPOLL, now);
-            if (c->state == C_LIVE)
-                conn_die(hb, i, FL_ERROR, err, FL_M_EPOLL, now - c->last_heard_us);
-            return;
-        }
-    }
-    if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)) {
-        conn_die(hb, i, st == TCP_CLOSE ? FL_CLOSED : FL_PEER_CLOSED, 0, FL_M_EPOLL,
+    if (ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR))
+        conn_die(hb, i, (ev & EPOLLERR) ? take_so_error(c->fd) : 0,
+                 (int)(ev & (EPOLLHUP | EPOLLRDHUP | EPOLLERR)), FL_M_EPOLL,
                  now - c->last_heard_us);
-        if (!(ev & EPOLLHUP) && c->state == C_DEAD)
-            c->death.flags |= FL_F_WRITE_OPEN;
-    }
 }
 
-/* Connection i's deadline came due. */
-static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
+/* Lateness of a deadline: from its tick boundary to now. */
+static void note_late(struct fl_hb *hb, const struct conn *c, int64_t now)
 {
-    struct conn *c = &hb->c[i];
-    int64_t silence, quiet, limit = c->interval_us * c->misses, next, late;
-    int r;
+    int64_t late = now - c->deadline_tick * hb->tick_us;
 
     hb->st.timer_fires++;
-    late = now - c->deadline_tick * hb->tick_us;   /* the tick, not the deadline */
     if (late > hb->st.late_max_us)
         hb->st.late_max_us = late;
     hb->st.late_sum_us += late;
     hb->st.late_count++;
+}
+
+/* Silence of connection i at its deadline; a shared one asks the kernel
+ * (TCP_INFO).  -1 when the connection died on the way. */
+static int64_t silence_at(struct fl_hb *hb, int32_t i, int64_t now)
+{
+    struct conn *c = &hb->c[i];
+    int st = -1;
+    uint64_t bytes = 0;
+    int64_t s;
+
+    if (!(c->flags & FL_HB_SHARED))
+        return now - c->last_heard_us;
+    s = shared_silence(c->fd, &st, &bytes);
+    if (s < 0) {
+        conn_die(hb, i, (int)-s, 0, FL_M_HEARTBEAT, now - c->last_heard_us);
+        return -1;
+    }
+    /* life counts from fl_hb_add on: an old idle stretch is no miss */
+    shared_heard(c, now, s, bytes);
+    c->quiet_since_us = c->last_heard_us;   /* the kernel can't tell PONGs apart */
+    return now - c->last_heard_us;
+}
+
+/* Sends connection i's PING; returns its next deadline, or -1 when the
+ * connection died sending it. */
+static int64_t ping_now(struct fl_hb *hb, int32_t i, int64_t now, int64_t silence)
+{
+    struct conn *c = &hb->c[i];
+    int64_t limit = c->interval_us * c->misses, next;
+    /* The PING is due at its deadline, not when the tick got to it: the
+     * next one is due an interval later, so tick rounding and lateness do
+     * not stretch the period. */
+    int64_t due = now - c->deadline_us < c->interval_us ? c->deadline_us : now;
+    int may = 1, r;
 
     if (c->flags & FL_HB_SHARED) {
-        int st = -1;
-        uint64_t bytes = 0;
-        silence = shared_silence(c->fd, &st, &bytes);
-        if (silence < 0) {
-            conn_die(hb, i, FL_INVALID, (int)-silence, FL_M_HEARTBEAT, now - c->last_heard_us);
-            return;
-        }
-        /* life counts from fl_hb_add on: an old idle stretch is no miss */
-        shared_heard(c, now, silence, bytes);
-        silence = now - c->last_heard_us;
-        c->quiet_since_us = c->last_heard_us;   /* the kernel can't tell PONGs apart */
-    } else {
-        silence = now - c->last_heard_us;
+        int queued = 0;
+        may = ioctl(c->fd, SIOCOUTQ, &queued) == 0 && queued == 0;
     }
-    if (silence >= limit) {
-        conn_die(hb, i, FL_TIMED_OUT, ETIMEDOUT, FL_M_HEARTBEAT, silence);
+    r = may ? send_frame(c, FL_HB_PING, (uint16_t)(c->seq + 1)) : 0;
+    if (r < 0) {
+        conn_die(hb, i, -r, 0, FL_M_HEARTBEAT, silence);
+        return -1;
+    }
+    if (r > 0) {
+        if (c->ping_sent_us)
+            hb->st.misses++;        /* the previous PING went unanswered */
+        c->seq++;
+        c->ping_seq = c->seq;
+        c->ping_sent_us = now;
+        c->ping_due_us = due;
+        if (!c->first_ping_us)
+            c->first_ping_us = now;
+        hb->st.pings_sent++;
+    } else {
+        hb->st.pings_skipped++;
+    }
+    next = due + c->interval_us;
+    if (c->collided && c->interval_us >= 4) {
+        hb->rng ^= hb->rng << 13;
+        hb->rng ^= hb->rng >> 7;
+        hb->rng ^= hb->rng << 17;
+        next += (int64_t)(hb->rng % (uint64_t)(c->interval_us / 4));
+        c->collided = 0;
+    }
+    if (next > c->last_heard_us + limit)
+        next = c->last_heard_us + limit;
+    return next;
+}
+
+/* Whether a silent dedicated connection had a fair chance: a PING of ours
+ * sent since the last byte heard, unanswered for a whole interval.  When this thread itself ran late (the
+ * machine did not schedule it), the PING that should have gone out earlier
+ * is sent now, and the peer gets an interval to answer it: a late engine
+ * never blames the peer for its own lateness.  (Shared connections cannot
+ * see PONGs and may skip PINGs; they are judged on silence alone.)
+ * Returns 1 to judge now, 0 when rescheduled (or dead sending). */
+static int fair_chance(struct fl_hb *hb, int32_t i, int64_t now, int64_t silence)
+{
+    struct conn *c = &hb->c[i];
+
+    if ((c->flags & FL_HB_SHARED)
+        || (c->first_ping_us && now - c->first_ping_us >= c->interval_us))
+        return 1;
+    if (!c->first_ping_us) {
+        if (ping_now(hb, i, now, silence) < 0)
+            return 0;                       /* died sending it */
+        if (!c->first_ping_us)
+            return 1;                       /* send queue full: not reading us */
+    }
+    hb->st.graced++;
+    wheel_schedule(hb, i, c->first_ping_us + c->interval_us);
+    return 0;
+}
+
+/* Connection i's deadline came due: heard recently -> reschedule; silent
+ * for an interval -> PING; silent for misses intervals -> dead. */
+static void on_deadline(struct fl_hb *hb, int32_t i, int64_t now)
+{
+    struct conn *c = &hb->c[i];
+    int64_t silence, quiet, next;
+
+    note_late(hb, c, now);
+    silence = silence_at(hb, i, now);
+    if (silence < 0)
+        return;
+    if (stalled(hb, c, now)) {
+        /* The application is stuck: this end stops vouching for itself (no
+         * PING; PINGs go unanswered) and stops judging the peer, whose
+         * silence is then our doing.  Both clocks restart. */
+        hb->st.withheld++;
+        c->last_heard_us = c->quiet_since_us = now;
+        c->ping_sent_us = c->first_ping_us = 0;
+        wheel_schedule(hb, i, now + c->interval_us);
+        return;
+    }
+    if (silence >= c->interval_us * c->misses) {
+        if (!fair_chance(hb, i, now, silence))
+            return;
+        conn_die(hb, i, ETIMEDOUT, FL_EV_EXPIRED, FL_M_HEARTBEAT, silence);
         return;
     }
     quiet = now - c->quiet_since_us;
     if (quiet >= c->interval_us) {
-        /* The PING is due at its deadline, not when the tick got to it:
-         * the next one is due an interval later, so tick rounding and
-         * lateness do not stretch the period. */
-        int64_t due = now - c->deadline_us < c->interval_us ? c->deadline_us : now;
-        int may = 1;
-        if (c->flags & FL_HB_SHARED) {
-            int queued = 0;
-            may = ioctl(c->fd, SIOCOUTQ, &queued) == 0 && queued == 0;
-        }
-        r = may ? send_frame(c, FL_HB_PING, (uint16_t)(c->seq + 1)) : 0;
-        if (r < 0) {
-            die_errno(hb, i, -r, FL_M_HEARTBEAT, now);
-            if (hb->c[i].state == C_LIVE)
-                conn_die(hb, i, FL_ERROR, -r, FL_M_HEARTBEAT, silence);
+        next = ping_now(hb, i, now, silence);
+        if (next < 0)
             return;
-        }
-        if (r > 0) {
-            c->seq++;
-            c->ping_seq = c->seq;
-            c->ping_sent_us = now;
-            c->ping_due_us = due;
-            hb->st.pings_sent++;
-        } else {
-            hb->st.pings_skipped++;
-        }
-        next = due + c->interval_us;
-        if (c->collided && c->interval_us >= 4) {
-            hb->rng ^= hb->rng << 13;
-            hb->rng ^= hb->rng >> 7;
-            hb->rng ^= hb->rng << 17;
-            next += (int64_t)(hb->rng % (uint64_t)(c->interval_us / 4));
-            c->collided = 0;
-        }
-        if (next > c->last_heard_us + limit)
-            next = c->last_heard_us + limit;
     } else {
         next = now - quiet + c->interval_us;
     }
@@ -636,120 +773,220 @@ static void run_timers(struct fl_hb *hb, int64_t now)
     }
 }
 
-static int drain(struct fl_hb *hb, struct fl_hb_event *out, int max, int *deaths)
-{
-    int n = 0;
+/* ---- the engine thread --------------------------------------------- */
 
-    while (n < max && hb->dead_head != NIL) {
+/* Handles one epoll event (the mutex is held). */
+static void on_event(struct fl_hb *hb, const struct epoll_event *ev, int64_t now)
+{
+    uint64_t tag = ev->data.u64, junk;
+    int32_t i;
+
+    if (tag == TIMER_TAG || tag == WAKE_TAG) {
+        if (read(tag == TIMER_TAG ? hb->tfd : hb->wakefd, &junk, sizeof junk) < 0) {
+            /* EAGAIN: already read */
+        }
+        if (tag == TIMER_TAG)
+            hb->armed_tick = -2;    /* fired: re-arm next time */
+        return;
+    }
+    i = (int32_t)(tag & 0xffffffffu);
+    if (i < 0 || i >= hb->cap || hb->c[i].state != C_LIVE
+        || hb->c[i].gen != (uint32_t)(tag >> 32))
+        return;                     /* removed (and maybe re-added) meanwhile */
+    if (hb->c[i].flags & FL_HB_SHARED)
+        on_shared_event(hb, i, ev->events, now);
+    else
+        on_readable(hb, i, now);
+}
+
+/* Coalescing: when deadlines are due within the next tick anyway, sleep to
+ * that tick and harvest everything that became ready meanwhile in one
+ * pass, instead of waking for each PONG as it trickles in.  Costs at most
+ * one tick of latency, and only while the engine is busy.  The sleep
+ * watches wakefd, so fl_hb_close never waits for it.  Returns 1 when it
+ * slept (epoll_wait then only looks). */
+static int coalesce(struct fl_hb *hb)
+{
+    int64_t at, now = mono_us();
+    struct pollfd pfd;
+    struct timespec ts;
+
+    if (hb->armed_tick < 0)
+        return 0;
+    at = hb->armed_tick * hb->tick_us;
+    if (at - now > hb->tick_us)
+        return 0;
+    hb->st.coalesced++;
+    if (at <= now)
+        return 1;
+    ts.tv_sec = (time_t)((at - now) / 1000000);
+    ts.tv_nsec = (long)((at - now) % 1000000) * 1000;
+    pfd.fd = hb->wakefd;
+    pfd.events = POLLIN;
+    pthread_mutex_unlock(&hb->mu);
+    (void)ppoll(&pfd, 1, &ts, NULL);
+    pthread_mutex_lock(&hb->mu);
+    return 1;
+}
+
+static void *engine_thread(void *arg)
+{
+    struct fl_hb *hb = arg;
+    struct epoll_event evs[MAX_EVENTS];
+    int passes = 0, full = 0;
+
+    pthread_mutex_lock(&hb->mu);
+    while (!hb->stop) {
+        int r, k, err, wait_ms = -1;
+        int64_t now;
+
+        (void)arm_timer(hb);
+        if (!full && coalesce(hb))
+            wait_ms = 0;
+        else if (full)
+            wait_ms = 0;
+        if (hb->stop)
+            break;
+        pthread_mutex_unlock(&hb->mu);
+        r = epoll_wait(hb->epfd, evs, MAX_EVENTS, wait_ms);
+        err = errno;
+        pthread_mutex_lock(&hb->mu);
+        if (r < 0) {
+            if (err != EINTR)       /* EBADF/EINVAL: cannot happen while we own epfd */
+                hb->stop = 1;
+            continue;
+        }
+        hb->st.wakeups++;
+        now = mono_us();
+        for (k = 0; k < r; k++)
+            on_event(hb, &evs[k], now);
+        run_timers(hb, now);
+        full = r == MAX_EVENTS;
+        passes = full ? passes + 1 : 0;
+        if (passes >= MAX_PASSES) {
+            full = 0;               /* let the timers breathe */
+            passes = 0;
+        }
+    }
+    pthread_mutex_unlock(&hb->mu);
+    return NULL;
+}
+
+/* ---- collecting ----------------------------------------------------- */
+
+/* 0, or the error every call returns: -FL_E_FORKED in a forked child (the
+ * thread and the queue belong to the parent). */
+static int unusable(const struct fl_hb *hb)
+{
+    if (!hb)
+        return -EINVAL;
+    if (hb->forkgen != fl_fork_generation())
+        return -FL_E_FORKED;
+    return 0;
+}
+
+int fl_hb_ready(struct fl_hb *hb, int timeout_ms)
+{
+    struct pollfd pfd;
+    int r = unusable(hb);
+
+    if (r < 0)
+        return r;
+    if (timeout_ms < 0)
+        return -EINVAL;
+    pfd.fd = hb->evfd;
+    pfd.events = POLLIN;
+    r = poll(&pfd, 1, timeout_ms);
+    if (r < 0)
+        return -errno;
+    if (__atomic_load_n(&hb->closed, __ATOMIC_ACQUIRE))
+        return -ESHUTDOWN;
+    return r > 0;
+}
+
+int fl_hb_peek(struct fl_hb *hb, struct fl_hb_event *out, int max, int *consumed)
+{
+    int n = 0, k = 0, r = unusable(hb);
+    int32_t i;
+
+    if (r < 0)
+        return r;
+    if (max < 0 || (max > 0 && !out) || !consumed)
+        return -EINVAL;
+    pthread_mutex_lock(&hb->mu);
+    if (hb->closed) {
+        pthread_mutex_unlock(&hb->mu);
+        return -ESHUTDOWN;
+    }
+    for (i = hb->dead_head; i != NIL && n < max; i = hb->c[i].next, k++) {
+        const struct conn *c = &hb->c[i];
+        struct fl_hb_event *e;
+        if (c->state != C_DEAD)
+            continue;               /* removed before it was collected */
+        e = &out[n++];
+        memset(e, 0, sizeof *e);
+        e->kind = FL_HB_DEATH;
+        e->fd = c->fd;
+        e->token = ((uint64_t)c->gen << 32) | (uint32_t)i;
+        e->verdict = c->death;
+        e->silent_us = c->silent_us;
+        e->detected_us = c->detected_us;
+    }
+    pthread_mutex_unlock(&hb->mu);
+    *consumed = k;
+    return n;
+}
+
+int fl_hb_commit(struct fl_hb *hb, int consumed)
+{
+    int k, r = unusable(hb);
+    uint64_t junk;
+
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&hb->mu);
+    if (hb->closed) {
+        pthread_mutex_unlock(&hb->mu);
+        return -ESHUTDOWN;
+    }
+    for (k = 0; k < consumed && hb->dead_head != NIL; k++) {
         int32_t i = hb->dead_head;
-        struct conn *c = &hb->c[i];
-        hb->dead_head = c->next;
+        hb->dead_head = hb->c[i].next;
         if (hb->dead_head == NIL)
             hb->dead_tail = NIL;
-        if (c->state == C_DEAD) {
-            struct fl_hb_event *e = &out[n++];
-            e->kind = FL_HB_DEATH;
-            e->fd = c->fd;
-            e->verdict = c->death;
-            e->silent_us = c->silent_us;
-            e->rtt_us = 0;
-            (*deaths)++;
-        }
+        hb->queued--;
         conn_free(hb, i);
     }
+    if (hb->dead_head == NIL && hb->signalled) {
+        if (read(hb->evfd, &junk, sizeof junk) == (ssize_t)sizeof junk)
+            hb->signalled = 0;
+    }
+    pthread_mutex_unlock(&hb->mu);
+    return k;
+}
+
+int fl_hb_rtt(struct fl_hb *hb, struct fl_hb_event *out, int max)
+{
+    int n = 0, r = unusable(hb);
+
+    if (r < 0)
+        return r;
+    if (max < 0 || (max > 0 && !out))
+        return -EINVAL;
+    pthread_mutex_lock(&hb->mu);
     while (n < max && hb->rtt_len) {
         out[n++] = hb->rtt[hb->rtt_head];
         hb->rtt_head = (hb->rtt_head + 1) % RTT_RING;
         hb->rtt_len--;
     }
+    pthread_mutex_unlock(&hb->mu);
     return n;
 }
 
-int fl_hb_wait(struct fl_hb *hb, int timeout_ms, struct fl_hb_event *out, int max)
+void fl_hb_progress(struct fl_hb *hb)
 {
-    struct epoll_event evs[MAX_EVENTS];
-    int64_t now = mono_us(), deadline;
-    int n = 0, deaths = 0, passes = 0, full = 0;
-
-    if (!hb || max < 0 || (max > 0 && !out) || timeout_ms < 0)
-        return -EINVAL;
-    deadline = now + (int64_t)timeout_ms * 1000;
-    for (;;) {
-        int r, k, wait_ms;
-        int64_t left;
-
-        n += drain(hb, out + n, max - n, &deaths);
-        if (deaths || n >= max)
-            return n;
-        r = arm_timer(hb);
-        if (r < 0)
-            return n ? n : r;
-        now = mono_us();
-        left = deadline - now;
-        wait_ms = left > 0 ? (int)((left + 999) / 1000) : 0;
-        if (wait_ms > 0 && hb->armed_tick >= 0 && !full) {
-            /* Coalescing: when deadlines are due within the next tick anyway,
-             * sleep to that tick and harvest everything that became ready
-             * meanwhile in one pass, instead of waking for each PONG as it
-             * trickles in.  Costs at most one tick of latency, and only
-             * while the engine is busy. */
-            int64_t at = hb->armed_tick * hb->tick_us;
-            if (at - now <= hb->tick_us) {
-                struct timespec ts;
-                if (at > deadline)
-                    at = deadline;
-                ts.tv_sec = (time_t)(at / 1000000);
-                ts.tv_nsec = (long)(at % 1000000) * 1000;
-                if (at > now)
-                    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL);
-                hb->st.coalesced++;
-                wait_ms = 0;
-            }
-        }
-        r = epoll_wait(hb->epfd, evs, MAX_EVENTS, wait_ms);
-        if (r < 0) {
-            if (errno == EINTR) {
-                if (mono_us() >= deadline)
-                    return n;
-                continue;
-            }
-            r = -errno;
-            return n ? n : r;
-        }
-        hb->st.wakeups++;
-        now = mono_us();
-        for (k = 0; k < r; k++) {
-            uint64_t tag = evs[k].data.u64;
-            int32_t i;
-            if (tag == TIMER_TAG) {
-                uint64_t expirations;
-                if (read(hb->tfd, &expirations, sizeof expirations) < 0) {
-                    /* EAGAIN: already read */
-                }
-                hb->armed_tick = -2;    /* fired: re-arm next time */
-                continue;
-            }
-            i = (int32_t)(tag & 0xffffffffu);
-            if (i < 0 || i >= hb->cap || hb->c[i].state != C_LIVE
-                || hb->c[i].gen != (uint32_t)(tag >> 32))
-                continue;
-            if (hb->c[i].flags & FL_HB_SHARED)
-                on_shared_event(hb, i, evs[k].events, now);
-            else
-                on_readable(hb, i, now);
-        }
-        run_timers(hb, now);
-        full = r == MAX_EVENTS;
-        passes = full ? passes + 1 : 0;
-        if (full && passes < MAX_PASSES)
-            continue;                   /* more may be ready: no sleeping */
-        full = 0;
-        if (now >= deadline) {
-            n += drain(hb, out + n, max - n, &deaths);
-            (void)arm_timer(hb);
-            return n;
-        }
-    }
+    if (hb)
+        __atomic_store_n(&hb->progress_at_us, mono_us(), __ATOMIC_RELAXED);
 }
 
 /* ---- lifecycle ------------------------------------------------------ */
@@ -798,20 +1035,65 @@ static int grow_fdmap(struct fl_hb *hb, int fd)
     return 0;
 }
 
+/* The thread starts with every signal blocked: signals belong to the
+ * application's threads (Python runs its handlers in the main thread). */
+static int start_thread(struct fl_hb *hb)
+{
+    sigset_t all, old;
+    int r;
+
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    r = pthread_create(&hb->thread, NULL, engine_thread, hb);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (r != 0)
+        return -r;
+    hb->running = 1;
+    return 0;
+}
+
+/* Creates the kernel objects: epoll set, timerfd, the two eventfds. */
+static int open_fds(struct fl_hb *hb)
+{
+    struct epoll_event ev;
+
+    hb->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (hb->epfd < 0)
+        return -errno;
+    hb->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (hb->tfd < 0)
+        return -errno;
+    hb->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (hb->evfd < 0)
+        return -errno;
+    hb->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (hb->wakefd < 0)
+        return -errno;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.u64 = TIMER_TAG;
+    if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, hb->tfd, &ev) < 0)
+        return -errno;
+    ev.data.u64 = WAKE_TAG;
+    if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, hb->wakefd, &ev) < 0)
+        return -errno;
+    return 0;
+}
+
 int fl_hb_new(int tick_ms, int capacity, struct fl_hb **out)
 {
     struct fl_hb *hb;
-    struct epoll_event ev;
     unsigned s;
     int r;
 
-    if (!out || tick_ms < 1 || tick_ms > 1000 || capacity < 0)
+    if (!out || tick_ms < 1 || tick_ms > 1000 || capacity < 0 || capacity > (1 << 24))
         return -EINVAL;
     *out = NULL;
     hb = calloc(1, sizeof *hb);
     if (!hb)
         return -ENOMEM;
-    hb->epfd = hb->tfd = -1;
+    hb->epfd = hb->tfd = hb->evfd = hb->wakefd = -1;
+    hb->forkgen = fl_fork_generation();
     hb->free_head = hb->dead_head = hb->dead_tail = NIL;
     for (s = 0; s < NSLOTS; s++)
         hb->head[s] = NIL;
@@ -819,39 +1101,70 @@ int fl_hb_new(int tick_ms, int capacity, struct fl_hb **out)
     hb->st.tick_us = hb->tick_us;
     hb->cur_tick = mono_us() / hb->tick_us;
     hb->armed_tick = -2;
+    hb->progress_at_us = mono_us();
     hb->rng = 0x9e3779b97f4a7c15ull ^ (uint64_t)mono_us() ^ ((uint64_t)getpid() << 32);
-    hb->epfd = epoll_create1(EPOLL_CLOEXEC);
-    if (hb->epfd < 0)
-        goto fail_errno;
-    hb->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (hb->tfd < 0)
-        goto fail_errno;
-    memset(&ev, 0, sizeof ev);
-    ev.events = EPOLLIN;
-    ev.data.u64 = TIMER_TAG;
-    if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, hb->tfd, &ev) < 0)
-        goto fail_errno;
-    r = grow_conns(hb, capacity > 0 ? capacity : 64);
+    pthread_mutex_init(&hb->mu, NULL);
+    r = open_fds(hb);
+    if (r == 0)
+        r = grow_conns(hb, capacity <= 0 ? 64 : capacity > PREALLOC_MAX ? PREALLOC_MAX : capacity);
+    if (r == 0)
+        r = start_thread(hb);
     if (r < 0) {
         fl_hb_free(hb);
         return r;
     }
     *out = hb;
     return 0;
-fail_errno:
-    r = -errno;
-    fl_hb_free(hb);
-    return r;
+}
+
+int fl_hb_close(struct fl_hb *hb)
+{
+    uint64_t one = 1;
+    int r = unusable(hb);
+
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&hb->mu);
+    if (hb->closed) {
+        pthread_mutex_unlock(&hb->mu);
+        return 0;
+    }
+    hb->stop = 1;
+    __atomic_store_n(&hb->closed, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&hb->mu);
+    if (write(hb->wakefd, &one, sizeof one) < 0) {
+        /* cannot fail: an eventfd far below its maximum */
+    }
+    if (hb->running) {
+        pthread_join(hb->thread, NULL);
+        hb->running = 0;
+    }
+    /* readable for good: every fl_hb_ready returns -ESHUTDOWN at once */
+    if (write(hb->evfd, &one, sizeof one) < 0) {
+        /* as above */
+    }
+    return 0;
 }
 
 void fl_hb_free(struct fl_hb *hb)
 {
     if (!hb)
         return;
+    if (hb->forkgen == fl_fork_generation()) {
+        if (hb->running)
+            (void)fl_hb_close(hb);
+        pthread_mutex_destroy(&hb->mu);
+    }
+    /* A forked child only drops its copies: the parent's thread, epoll set
+     * and mutex are left alone. */
     if (hb->epfd >= 0)
         close(hb->epfd);
     if (hb->tfd >= 0)
         close(hb->tfd);
+    if (hb->evfd >= 0)
+        close(hb->evfd);
+    if (hb->wakefd >= 0)
+        close(hb->wakefd);
     free(hb->c);
     free(hb->fdmap);
     free(hb);
@@ -859,50 +1172,88 @@ void fl_hb_free(struct fl_hb *hb)
 
 int fl_hb_fileno(struct fl_hb *hb)
 {
-    return hb ? hb->epfd : -EINVAL;
+    int r = unusable(hb);
+
+    return r < 0 ? r : hb->evfd;
 }
 
-int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
+/* Checks the socket fl_hb_add was given: connected TCP, its identity, and
+ * takes its fd number over from an old registration whose socket was
+ * closed behind the engine's back.  0 or -errno. */
+static int adopt_fd(struct fl_hb *hb, int fd, uint64_t *cookie, uint64_t *ino)
 {
-    struct epoll_event ev;
-    struct conn *c;
     int32_t i;
-    int r, st;
-    int64_t now;
-    uint64_t bytes = UINT64_MAX, cookie = 0, ino = 0;
+    int r, st = fl_tcp_state(fd);
 
-    if (!hb || interval_ms < 1 || misses < 2 || misses > 1000
-        || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
-        return -EINVAL;
-    if (fd < 0)
-        return -EBADF;
-    st = fl_tcp_state(fd);
     if (st < 0)
         return st;
     if (st == TCP_LISTEN)
         return -EOPNOTSUPP;
     if (st == TCP_SYN_SENT || st == TCP_CLOSE)
         return -ENOTCONN;
-    r = sock_identity(fd, &cookie, &ino);
+    r = sock_identity(fd, cookie, ino);
     if (r < 0)
         return r;
     i = lookup(hb, fd);
-    if (i != NIL) {
+    if (i == NIL)
+        return 0;
+    if (hb->c[i].state == C_LIVE) {
         struct conn *old = &hb->c[i];
-        if (old->state == C_LIVE) {
-            if (same_socket(old))
-                return -EEXIST;
-            /* Closed behind the engine's back and the number reused: the old
-             * registration dies (INVALID, EBADF; reported by the next wait)
-             * and the new socket takes the number. */
-            conn_die(hb, i, FL_INVALID, EBADF, FL_M_HEARTBEAT,
-                     mono_us() - old->last_heard_us);
-            old->death.tcp_state = -1;      /* fd now names another socket */
-        }
-        /* A death not yet collected keeps its record; conn_free() of it
-         * leaves the fd map alone once the number is the new socket's. */
-        hb->fdmap[fd] = NIL;
+        if (same_socket(old))
+            return -EEXIST;
+        /* Closed behind the engine's back and the number reused: the old
+         * registration dies (INVALID, EBADF; its own token tells the
+         * caller which socket that was) and the new socket takes the
+         * number. */
+        conn_die(hb, i, EBADF, 0, FL_M_HEARTBEAT, mono_us() - old->last_heard_us);
     }
+    /* A death not yet collected keeps its record; conn_free() of it leaves
+     * the fd map alone once the number is the new socket's. */
+    hb->fdmap[fd] = NIL;
+    return 0;
+}
+
+/* Fills a free record for a new registration and schedules it. */
+static void init_conn(struct fl_hb *hb, int32_t i, int fd, int interval_ms, int misses,
+                      int flags, int progress_ms)
+{
+    struct conn *c = &hb->c[i];
+    int64_t now = mono_us();
+
+    hb->free_head = c->next;
+    c->gen++;
+    c->fd = fd;
+    c->flags = flags;
+    c->state = C_LIVE;
+    c->misses = misses;
+    c->progress_us = (int64_t)progress_ms * 1000;
+    c->next = c->prev = NIL;
+    c->slot = -1;
+    c->interval_us = (int64_t)interval_ms * 1000;
+    c->last_heard_us = c->quiet_since_us = now;
+    c->ping_sent_us = c->ping_due_us = c->first_ping_us = 0;
+    c->seq = c->ping_seq = 0;
+    c->rxlen = c->txlen = 0;
+    c->collided = 0;
+    hb->fdmap[fd] = i;
+    hb->nconn++;
+    wheel_schedule(hb, i, now + c->interval_us);
+    (void)arm_timer(hb);    /* an earlier deadline wakes the thread (timerfd) */
+}
+
+/* fl_hb_add with the mutex held. */
+static int add_locked(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags,
+                      int progress_ms, uint64_t *token)
+{
+    struct epoll_event ev;
+    struct conn *c;
+    int32_t i;
+    int r, st;
+    uint64_t bytes = UINT64_MAX, cookie = 0, ino = 0;
+
+    r = adopt_fd(hb, fd, &cookie, &ino);
+    if (r < 0)
+        return r;
     if (flags & FL_HB_SHARED) {
         /* shared mode lives on tcpi_last_data_recv: refuse now, not at the
          * first deadline, where TCP_INFO is short (qemu-user: 4 bytes) */
@@ -911,13 +1262,12 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
             return (int)s;
     }
     r = grow_fdmap(hb, fd);
+    if (r == 0 && hb->free_head == NIL)
+        r = grow_conns(hb, hb->cap > (1 << 23) ? (1 << 24) : hb->cap * 2);
     if (r < 0)
         return r;
-    if (hb->free_head == NIL) {
-        r = grow_conns(hb, hb->cap * 2);
-        if (r < 0)
-            return r;
-    }
+    if (hb->free_head == NIL)
+        return -ENOSPC;
     i = hb->free_head;
     c = &hb->c[i];
     memset(&ev, 0, sizeof ev);
@@ -925,60 +1275,87 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags)
     ev.data.u64 = ((uint64_t)(c->gen + 1) << 32) | (uint32_t)i;
     if (epoll_ctl(hb->epfd, EPOLL_CTL_ADD, fd, &ev) < 0)
         return -errno;
-    hb->free_head = c->next;
-    now = mono_us();
-    c->gen++;
-    c->fd = fd;
     c->cookie = cookie;
     c->ino = ino;
-    c->flags = flags;
-    c->state = C_LIVE;
-    c->misses = misses;
-    c->next = c->prev = NIL;
-    c->slot = -1;
-    c->interval_us = (int64_t)interval_ms * 1000;
-    c->last_heard_us = c->quiet_since_us = now;
-    c->ping_sent_us = c->ping_due_us = 0;
-    c->seq = c->ping_seq = 0;
-    c->rxlen = c->txlen = 0;
-    c->collided = 0;
     c->rx_bytes = bytes;     /* shared: what the kernel had received so far */
-    hb->fdmap[fd] = i;
-    hb->nconn++;
-    wheel_schedule(hb, i, now + c->interval_us);
-    (void)arm_timer(hb);    /* fileno() must wake an outside loop in time */
+    init_conn(hb, i, fd, interval_ms, misses, flags, progress_ms);
+    *token = ev.data.u64;
     return 0;
 }
 
-int fl_hb_remove(struct fl_hb *hb, int fd)
+int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags,
+              int progress_ms, uint64_t *token)
 {
-    int32_t i;
+    int r = unusable(hb);
 
-    if (!hb)
+    if (r < 0)
+        return r;
+    if (interval_ms < 1 || misses < 2 || misses > 1000 || progress_ms < 0 || !token
+        || (flags & ~(FL_HB_SHARED | FL_HB_RTT)))
         return -EINVAL;
-    i = lookup(hb, fd);
-    if (i == NIL)
-        return -ENOENT;
-    if (hb->c[i].state == C_LIVE) {
-        epoll_ctl(hb->epfd, EPOLL_CTL_DEL, fd, NULL);
+    if (fd < 0)
+        return -EBADF;
+    pthread_mutex_lock(&hb->mu);
+    r = hb->closed ? -ESHUTDOWN
+        : add_locked(hb, fd, interval_ms, misses, flags, progress_ms, token);
+    pthread_mutex_unlock(&hb->mu);
+    return r;
+}
+
+int fl_hb_remove(struct fl_hb *hb, uint64_t token)
+{
+    int32_t i = (int32_t)(token & 0xffffffffu);
+    int r = unusable(hb);
+    struct conn *c;
+
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&hb->mu);
+    if (hb->closed) {
+        pthread_mutex_unlock(&hb->mu);
+        return -ESHUTDOWN;
+    }
+    c = i >= 0 && i < hb->cap ? &hb->c[i] : NULL;
+    if (!c || c->gen != (uint32_t)(token >> 32)
+        || (c->state != C_LIVE && c->state != C_DEAD)) {
+        r = -ENOENT;
+    } else if (c->state == C_LIVE) {
+        epoll_ctl(hb->epfd, EPOLL_CTL_DEL, c->fd, NULL);
         wheel_unlink(hb, i);
         conn_free(hb, i);
     } else {
-        /* a death not yet reported: drop it when the queue is drained */
-        hb->c[i].state = C_GONE;
-        hb->fdmap[fd] = NIL;
+        /* a death not yet collected: fl_hb_commit drops it, unreported */
+        c->state = C_GONE;
+        if (hb->fdmap[c->fd] == i)
+            hb->fdmap[c->fd] = NIL;
     }
+    pthread_mutex_unlock(&hb->mu);
+    return r;
+}
+
+int fl_hb_get_stats(struct fl_hb *hb, struct fl_hb_stats *out)
+{
+    int r = unusable(hb);
+
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&hb->mu);
+    *out = hb->st;
+    out->conns = hb->nconn;
+    out->queued = hb->queued;
+    pthread_mutex_unlock(&hb->mu);
     return 0;
 }
 
-void fl_hb_get_stats(struct fl_hb *hb, struct fl_hb_stats *out)
+int fl_hb_reset_stats(struct fl_hb *hb)
 {
-    *out = hb->st;
-    out->conns = hb->nconn;
-}
+    int r = unusable(hb);
 
-void fl_hb_reset_stats(struct fl_hb *hb)
-{
+    if (r < 0)
+        return r;
+    pthread_mutex_lock(&hb->mu);
     memset(&hb->st, 0, sizeof hb->st);
     hb->st.tick_us = hb->tick_us;
+    pthread_mutex_unlock(&hb->mu);
+    return 0;
 }

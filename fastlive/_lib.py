@@ -1,13 +1,16 @@
 """Loads the compiled core and holds the few helpers every module shares."""
 from __future__ import annotations
 
+import errno
+import math
 import os
-from typing import Protocol, Union
+import time
+from typing import Callable, Protocol, Union
 
 from ._version import __version__
 
 __all__ = ["HasFileno", "SocketLike", "fd_of", "check_rc", "MAX_SECONDS", "seconds", "to_units", "count",
-           "timeout_ms"]
+           "timeout_ms", "interruptible", "forked_error", "EINTR_RC", "FORKED_RC"]
 
 try:
     from ._native import ffi as ffi, lib as lib
@@ -25,7 +28,10 @@ if _built != __version__:  # pragma: no cover - stale build
 
 
 class HasFileno(Protocol):
-    def fileno(self) -> int: ...
+    """Anything with a ``fileno()``: a socket, a file, a transport's socket."""
+
+    def fileno(self) -> int:
+        """The file descriptor number (-1 once closed)."""
 
 
 #: Anything the checks accept: a socket-like object or a file descriptor.
@@ -55,15 +61,48 @@ def fd_of(sock: SocketLike) -> int:
             return -1
         if not isinstance(fd, int) or isinstance(fd, bool):
             raise TypeError("fileno() did not return an int")
-    if fd > 0x7FFFFFFF:
-        return -1
+    if fd > 0x7FFFFFFF or fd < -0x80000000:
+        return -1               # no such fd: an INVALID/EBADF verdict, not OverflowError
     return fd
+
+
+#: What the C core returns when a signal interrupted a wait (-EINTR), and
+#: when an object is used in a forked child of the process that made it.
+EINTR_RC = -errno.EINTR
+FORKED_RC = -lib.FL_E_FORKED
+
+
+def forked_error(what: str, pid: int) -> RuntimeError:
+    """The error for an engine used in a forked child."""
+    return RuntimeError(f"{what} was created in process {pid}; a forked child must "
+                        f"create its own (this is process {os.getpid()})")
 
 
 def check_rc(rc: int) -> int:
     """Raise ``OSError`` for a ``-errno`` return of the C core."""
     if rc < 0:
+        if rc == FORKED_RC:
+            raise RuntimeError("used in a forked child: create a new object there")
         raise OSError(-rc, os.strerror(-rc))
+    return rc
+
+
+def interruptible(call: Callable[[int], int], ms: int) -> int:
+    """PEP 475 for the C core's waits: ``call(ms)`` returns -EINTR as soon
+    as a signal interrupts its wait.  The signal's Python handler runs right
+    after that call returns (CPython runs pending handlers at the next
+    bytecode boundary); if it raises, the exception propagates from here;
+    if it returns, ``call`` is made again with the time left."""
+    if ms == 0:
+        rc = call(0)
+        while rc == EINTR_RC:
+            rc = call(0)
+        return rc
+    deadline = time.monotonic() + ms / 1000.0
+    rc = call(ms)
+    while rc == EINTR_RC:
+        left = deadline - time.monotonic()
+        rc = call(min(ms, math.ceil(left * 1000.0)) if left > 0 else 0)
     return rc
 
 

@@ -58,7 +58,8 @@ class Tracked(Protocol):
     counters: DeathCounters
 
     @property
-    def closed(self) -> bool: ...
+    def closed(self) -> bool:
+        """Whether the engine was closed (closed engines are not reported)."""
 
     def __len__(self) -> int: ...
 

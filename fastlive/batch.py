@@ -32,16 +32,22 @@ Bad entries (negative fd, closed fd, not a socket, not TCP, listening,
 still connecting, the same fd twice) get an ``INVALID`` verdict when the
 batch is built (errno EBADF, ENOTSOCK, EOPNOTSUPP, EOPNOTSUPP, ENOTCONN,
 EEXIST) and are skipped by every sweep.  An fd closed after the build is
-``INVALID``/EBADF in the next sweep.  Build a new set with
+``INVALID``/EBADF in the next sweep, with ``Flag.BEHIND_BACK`` (in
+:meth:`Batch.dead` and :meth:`Batch.verdict`; the uint8 :attr:`Batch.flags`
+array cannot hold it) - what every engine reports for a socket closed
+behind its back.  Build a new set with
 :meth:`Batch.rebuild` when connections come and go.
 """
 from __future__ import annotations
 
+import errno
+import os
 from array import array
 from typing import (Any, Iterable, Iterator, List, Literal, NamedTuple,
                     Optional, Sequence, Tuple, Union, overload)
 
-from ._lib import SocketLike, check_rc, fd_of, ffi, lib, timeout_ms
+from ._lib import (FORKED_RC, SocketLike, check_rc, fd_of, ffi, forked_error, interruptible,
+                   lib, timeout_ms)
 from .tcpinfo import TCP_INFO_SIZE, TcpInfo
 from .tcpstate import TcpState
 from .verdict import Flag, Method, Status, Verdict
@@ -49,6 +55,9 @@ from .verdict import Flag, Method, Status, Verdict
 __all__ = ["Batch", "Dead", "TcpInfoRecords"]
 
 _STATUS = {int(s): s for s in Status}   # members by value: cheaper than Status(v)
+_METHOD = {int(m): m for m in Method}
+_FLAGS = {i: Flag(i) for i in range(256)}
+_EBADF = errno.EBADF
 
 
 def _view(owner: Any, ptr: Any, nbytes: int,
@@ -62,12 +71,24 @@ def _view(owner: Any, ptr: Any, nbytes: int,
 
 
 class Dead(NamedTuple):
-    """One entry that is not alive after a sweep."""
+    """One entry that is not alive after a sweep.  Like every death in
+    fastlive (:class:`~fastlive.Death`, :class:`~fastlive.HeartbeatDeath`)
+    it carries :attr:`verdict`."""
 
     idx: int         #: position in the batch
     fd: int
     status: Status
     errno: int
+    method: Method = Method.POLL   #: the sweep that saw it
+    tcp_state: int = 0             #: TCP state when the sweep read it, else 0
+    flags: Flag = Flag.NONE
+
+    @property
+    def verdict(self) -> Verdict:
+        """This entry's result as a :class:`Verdict`."""
+        st = self.tcp_state
+        return Verdict(self.status, self.method, self.errno,
+                       TcpState.of(st) if st else None, self.flags)
 
 
 class TcpInfoRecords(Sequence[Optional[TcpInfo]]):
@@ -146,6 +167,8 @@ class Batch:
         self._objs: List[SocketLike] = []
         self._arr: array[int] = array("i")
         self._records: Optional[TcpInfoRecords] = None
+        self._pid = os.getpid()
+        self._gen = lib.fl_fork_generation()
         ptr = ffi.new("struct fl_batch **")
         objs, arr = self._prepare(socks)
         check_rc(lib.fl_batch_new(ffi.from_buffer("int[]", arr), len(arr), ptr))
@@ -169,17 +192,27 @@ class Batch:
         self._err = _view(b, b.err, 4 * n, "i")
         self._fds = _view(b, b.fds, 4 * n, "i")
         self._dead = _view(b, b.dead, 4 * n, "i")
+        # entries bad when built: an INVALID/EBADF elsewhere is an fd closed
+        # behind the batch's back (Flag.BEHIND_BACK, as the engines say it)
+        self._built_bad = frozenset(self._dead[:b.nbad])
 
     def _live(self) -> Any:
         if self._b is None:
             raise ValueError("the batch is closed")
         return self._b
 
+    def _rc(self, rc: int) -> int:
+        if rc == FORKED_RC:
+            raise forked_error("Batch", self._pid)
+        return check_rc(rc)
+
     def rebuild(self, socks: Iterable[SocketLike]) -> None:
         """Replace the set of connections and validate it again.  The new
         set gets new C arrays: views of the old results stay valid (and
         keep the old arrays alive) until dropped."""
         self._live()
+        if lib.fl_fork_generation() != self._gen:
+            raise forked_error("Batch", self._pid)
         ptr = ffi.new("struct fl_batch **")
         objs, arr = self._prepare(socks)
         check_rc(lib.fl_batch_new(ffi.from_buffer("int[]", arr), len(arr), ptr))
@@ -193,15 +226,23 @@ class Batch:
     def sweep_poll(self, timeout: float = 0.0) -> int:
         """One ``poll()`` of every fd for POLLIN|POLLRDHUP, waiting up to
         ``timeout`` seconds (0: just look) for the first event.  Returns how
-        many entries are not alive (bad entries included)."""
-        rc = lib.fl_batch_sweep_poll(self._live(), timeout_ms(timeout))
-        return rc if rc >= 0 else check_rc(rc)
+        many entries are not alive (bad entries included).  A signal during
+        the wait runs its handler at once (PEP 475): the sweep goes on for
+        the time left if the handler returns, and its exception propagates
+        if it raises (the arrays then keep the previous sweep's results)."""
+        b, ms = self._live(), timeout_ms(timeout)
+        if ms == 0:
+            rc = lib.fl_batch_sweep_poll(b, 0)
+            if rc >= 0:
+                return int(rc)
+        rc = interruptible(lambda t: lib.fl_batch_sweep_poll(b, t), ms)
+        return rc if rc >= 0 else self._rc(rc)
 
     def sweep_states(self) -> int:
         """``getsockopt(TCP_INFO)`` state of every fd; returns how many
         entries are not alive."""
         rc = lib.fl_batch_sweep_states(self._live())
-        return rc if rc >= 0 else check_rc(rc)
+        return rc if rc >= 0 else self._rc(rc)
 
     def sweep_tcp_info(self) -> TcpInfoRecords:
         """The full TCP_INFO record of every fd, kept compact in C; returns
@@ -210,7 +251,7 @@ class Batch:
         b = self._live()
         rc = lib.fl_batch_sweep_tcp_info(b)
         if rc < 0:
-            check_rc(rc)
+            self._rc(rc)
         rec = self._records
         if rec is None:
             rec = self._records = TcpInfoRecords(self, rc)
@@ -222,7 +263,7 @@ class Batch:
         """``recv(MSG_PEEK|MSG_DONTWAIT)`` of one byte per fd; returns how
         many entries are not alive."""
         rc = lib.fl_batch_sweep_peek(self._live())
-        return rc if rc >= 0 else check_rc(rc)
+        return rc if rc >= 0 else self._rc(rc)
 
     # -- results ---------------------------------------------------------------
 
@@ -281,12 +322,21 @@ class Batch:
         return self._dead[:b.ndead].toreadonly()
 
     def dead(self) -> List[Dead]:
-        """``(idx, fd, Status, errno)`` of every entry not alive - one
-        Python object per dead entry, none for live ones."""
+        """A :class:`Dead` ``(idx, fd, status, errno, method, tcp_state,
+        flags)`` for every entry not alive - one Python object per dead
+        entry, none for live ones."""
         b = self._live()
         st, err, fds, new = self._status, self._err, self._fds, tuple.__new__
-        return [new(Dead, (i, fds[i], _STATUS[st[i]], err[i]))
+        tcp = self._state
+        m = _METHOD.get(b.method, Method.POLL)
+        return [new(Dead, (i, fds[i], _STATUS[st[i]], err[i], m, tcp[i], self._flag(i)))
                 for i in self._dead[:b.ndead]]
+
+    def _flag(self, i: int) -> Flag:
+        f = _FLAGS[self._flags[i]]
+        if self._err[i] == _EBADF and self._status[i] == Status.INVALID and i not in self._built_bad:
+            f = f | Flag.BEHIND_BACK
+        return f
 
     def verdict(self, i: int) -> Verdict:
         """Entry ``i``'s result as a :class:`Verdict` (made on request)."""
@@ -302,8 +352,7 @@ class Batch:
         state = TcpState.of(st) if st else None
         return Verdict(Status(self._status[i]),
                        Method(m) if m >= 0 else Method.TCP_INFO,
-                       self._err[i], state,
-                       Flag(self._flags[i]))
+                       self._err[i], state, self._flag(i))
 
     def __iter__(self) -> Iterator[Verdict]:
         for i in range(len(self)):
@@ -313,7 +362,9 @@ class Batch:
 
     def close(self) -> None:
         """Let go of the C arrays (the sockets are not closed).  They are
-        freed as soon as no view of them (:attr:`statuses`, ...) remains."""
+        freed as soon as no view of them (:attr:`statuses`, ...) remains.
+        Later calls raise ValueError; closing twice is fine.  Safe in a
+        forked child (C memory only)."""
         self._b = None
         for v in ("_status", "_state", "_flags", "_err", "_fds", "_dead"):
             self.__dict__.pop(v, None)
@@ -322,6 +373,7 @@ class Batch:
 
     @property
     def closed(self) -> bool:
+        """True once :meth:`close` ran."""
         return self._b is None
 
     def __enter__(self) -> Batch:
@@ -333,4 +385,7 @@ class Batch:
     def __repr__(self) -> str:
         if self._b is None:
             return "<Batch closed>"
-        return f"<Batch n={self._b.n} not-alive={self._b.ndead}>"
+        b = self._b
+        m = _METHOD.get(b.method)
+        last = m.name.lower() if m is not None else "none"
+        return f"<Batch n={b.n} bad={b.nbad} not-alive={b.ndead} last-sweep={last}>"

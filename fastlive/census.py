@@ -156,6 +156,7 @@ class CensusEntry:
 
     @property
     def family(self) -> socket.AddressFamily:
+        """AF_INET or AF_INET6 (inet_diag's idiag_family)."""
         return socket.AddressFamily(self._r.family)
 
     def _addr(self, raw: Any) -> str:
@@ -175,6 +176,7 @@ class CensusEntry:
 
     @property
     def state(self) -> Union[TcpState, int]:
+        """The TCP state the kernel reported (idiag_state) as a TcpState."""
         st = int(self._r.state)
         return _STATE.get(st, st)
 
@@ -185,6 +187,7 @@ class CensusEntry:
 
     @property
     def uid(self) -> int:
+        """The owner's uid (idiag_uid)."""
         return int(self._r.uid)
 
     @property
@@ -199,6 +202,8 @@ class CensusEntry:
 
     @property
     def timer(self) -> Union[Timer, int]:
+        """The kernel's pending timer for the socket (idiag_timer: 0 none,
+        1 retransmit, 2 keepalive, 3 TIME_WAIT, 4 zero-window probe)."""
         t = self._r.timer
         try:
             return Timer(t)
@@ -508,6 +513,7 @@ class Follow(Iterator[CensusEntry]):
 
     @property
     def closed(self) -> bool:
+        """Whether stop()/close() ended the subscription."""
         return self._c is None
 
     def __enter__(self) -> Follow:

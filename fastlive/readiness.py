@@ -14,7 +14,7 @@ POLLHUP that both directions are shut, POLLERR that an error is pending.
 """
 from __future__ import annotations
 
-from ._lib import SocketLike, fd_of, lib, timeout_ms
+from ._lib import SocketLike, fd_of, interruptible, lib, timeout_ms
 from .verdict import Verdict, new_c_verdict
 
 __all__ = ["FD_SETSIZE", "check_select", "check_poll"]
@@ -24,14 +24,18 @@ FD_SETSIZE = 1024
 
 
 def check_select(sock: SocketLike, timeout: float = 0.0) -> Verdict:
-    """Wait up to ``timeout`` seconds for readability, then peek."""
-    v = new_c_verdict()
-    lib.fl_check_select(fd_of(sock), timeout_ms(timeout), v)
+    """Wait up to ``timeout`` seconds for readability, then peek.  A signal
+    during the wait runs its handler at once (PEP 475): the wait goes on
+    for the time left if the handler returns, and its exception propagates
+    if it raises."""
+    fd, ms, v = fd_of(sock), timeout_ms(timeout), new_c_verdict()
+    interruptible(lambda t: lib.fl_check_select(fd, t, v), ms)
     return Verdict._from_c(v)
 
 
 def check_poll(sock: SocketLike, timeout: float = 0.0) -> Verdict:
-    """Wait up to ``timeout`` seconds for POLLIN/POLLRDHUP/POLLHUP/POLLERR."""
-    v = new_c_verdict()
-    lib.fl_check_poll(fd_of(sock), timeout_ms(timeout), v)
+    """Wait up to ``timeout`` seconds for POLLIN/POLLRDHUP/POLLHUP/POLLERR;
+    signals as for :func:`check_select`."""
+    fd, ms, v = fd_of(sock), timeout_ms(timeout), new_c_verdict()
+    interruptible(lambda t: lib.fl_check_poll(fd, t, v), ms)
     return Verdict._from_c(v)

@@ -16,9 +16,9 @@ later reads see end-of-file.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Union
 
-from ._lib import SocketLike, fd_of, ffi, lib
+from ._lib import SocketLike, count, fd_of, ffi, lib
 from .verdict import Verdict, new_c_verdict
 
 __all__ = ["check_peek", "check_so_error", "SendResult", "send"]
@@ -43,18 +43,32 @@ def check_so_error(sock: SocketLike) -> Verdict:
 
 
 class SendResult(NamedTuple):
+    """What :func:`send` did: bytes the kernel queued, and the verdict."""
+
     sent: int          #: bytes queued (0 on error)
     verdict: Verdict   #: RESET for EPIPE/ECONNRESET, TIMED_OUT for ETIMEDOUT...
 
 
-def send(sock: SocketLike, data: bytes, flags: int = 0) -> SendResult:
+def send(sock: SocketLike, data: Union[bytes, bytearray, memoryview], flags: int = 0) -> SendResult:
     """``send(MSG_NOSIGNAL | flags)``: never raises SIGPIPE, never raises
     for a dead peer; the verdict classifies the error instead.  EAGAIN on a
     full non-blocking socket is ALIVE with 0 bytes sent.  The socket is
     examined only when the write fails (so a failed send on a listening,
     never-connected or non-TCP socket is INVALID, not RESET); a successful
-    write costs nothing extra and is ALIVE, whatever the socket is."""
+    write costs nothing extra and is ALIVE, whatever the socket is.  A
+    write refused after our own ``shutdown(SHUT_WR)`` is CLOSED with
+    ``LOCAL_SHUTDOWN`` (EPIPE), not RESET: the state (FIN_WAIT1/2) shows the
+    peer did nothing.  ``data`` must be bytes-like (TypeError otherwise)."""
+    fd = fd_of(sock)
+    if isinstance(data, str) or not isinstance(data, (bytes, bytearray, memoryview)):
+        try:
+            data = memoryview(data).cast("B")   # any other bytes-like object
+        except TypeError:
+            raise TypeError(f"data must be a bytes-like object, got {type(data).__name__}") from None
+    elif isinstance(data, memoryview) and (data.itemsize != 1 or data.ndim != 1):
+        data = data.cast("B")
+    flags = count("flags", flags, 0, 0x7FFFFFFF)
     v = new_c_verdict()
     buf = ffi.from_buffer(data)
-    n = lib.fl_send(fd_of(sock), buf, len(data), flags, v)
+    n = lib.fl_send(fd, buf, len(buf), flags, v)
     return SendResult(max(n, 0), Verdict._from_c(v))

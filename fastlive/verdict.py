@@ -10,7 +10,7 @@ from typing import Optional, Union
 from ._lib import ffi, lib
 from .tcpstate import TcpState
 
-__all__ = ["Status", "Method", "Flag", "Verdict", "new_c_verdict"]
+__all__ = ["Status", "Method", "Flag", "Seen", "Verdict", "decide", "new_c_verdict"]
 
 
 class Status(enum.IntEnum):
@@ -49,11 +49,33 @@ class Method(enum.IntEnum):
 
 
 class Flag(enum.IntFlag):
+    """Details a verdict adds to its status (bits; several may be set)."""
+
     NONE = 0
     DATA_PENDING = lib.FL_F_DATA_PENDING      #: unread bytes are queued
     SUSPECT = lib.FL_F_SUSPECT                #: TCP_INFO: sender struggling
     SELECT_FALLBACK = lib.FL_F_SELECT_FALLBACK  #: fd >= FD_SETSIZE, poll used
     WRITE_OPEN = lib.FL_F_WRITE_OPEN          #: half-close: we may still send
+    #: our own shutdown() explains what was seen (the peer is not blamed)
+    LOCAL_SHUTDOWN = lib.FL_F_LOCAL_SHUTDOWN
+    #: the fd was closed (or its number reused) behind the engine's back
+    BEHIND_BACK = lib.FL_F_BEHIND_BACK
+
+
+class Seen(enum.IntFlag):
+    """What a path observed, for :func:`decide` (poll bits keep their
+    poll(2) values, so ``revents`` can be passed as they are)."""
+
+    NONE = 0
+    IN = lib.FL_EV_IN                  #: readable
+    ERR = lib.FL_EV_ERR                #: POLLERR: pass the SO_ERROR as ``err``
+    HUP = lib.FL_EV_HUP                #: POLLHUP: both directions shut
+    NVAL = lib.FL_EV_NVAL              #: POLLNVAL: fd not open
+    RDHUP = lib.FL_EV_RDHUP            #: POLLRDHUP: the read side is shut
+    EOF = lib.FL_EV_EOF                #: a read returned 0 bytes
+    DATA = lib.FL_EV_DATA              #: a read returned bytes
+    UNCONNECTED = lib.FL_EV_UNCONNECTED  #: CLOSE, and no segment ever
+    EXPIRED = lib.FL_EV_EXPIRED        #: the method's own deadline passed
 
 
 _DEAD = frozenset({Status.PEER_CLOSED, Status.RESET, Status.TIMED_OUT,
@@ -82,10 +104,13 @@ class Verdict:
 
     @property
     def invalid(self) -> bool:
+        """Not a connected TCP socket (closed fd, pipe, UDP, listening, connecting)."""
         return self.status is Status.INVALID
 
     @property
     def suspect(self) -> bool:
+        """TCP_INFO says the sender is struggling (retransmits, probes, backoff,
+        or no ACK for more than 2 RTOs) while the state is still ESTABLISHED."""
         return bool(self.flags & Flag.SUSPECT)
 
     def __str__(self) -> str:
@@ -107,4 +132,19 @@ class Verdict:
 
 
 def new_c_verdict() -> ffi.CData:
+    """A zeroed ``struct fl_verdict`` for the C checks to fill."""
     return ffi.new("struct fl_verdict *")
+
+
+def decide(method: Method, err: int = 0, tcp_state: int = -1,
+           seen: Union[Seen, int] = Seen.NONE, flags: Union[Flag, int] = Flag.NONE) -> Verdict:
+    """The one rule (C ``fl_verdict_decide``, see ``csrc/fl_core.h``) from
+    Python: the verdict an observation means - ``err`` the errno seen (0 for
+    none), ``tcp_state`` the TCP state or -1 when not read, ``seen`` the
+    :class:`Seen` bits - for code that must conclude something outside the
+    C paths (it never maps errno or state itself)."""
+    v = new_c_verdict()
+    v.method = int(method)
+    v.flags = int(flags)
+    lib.fl_verdict_decide(int(err), int(tcp_state), int(seen), v)
+    return Verdict._from_c(v)

@@ -89,7 +89,7 @@ def test_rst(pairs, kind):
         assert (d.status, d.errno) == (Status.RESET, 104)
         # the kernel reports ECONNRESET once; the batch keeps the reason
         assert sweep(b, kind) == 1
-        assert b.dead()[0][2:] == (Status.RESET, 104)
+        assert b.dead()[0][2:4] == (Status.RESET, 104)
     else:
         assert d.status is Status.CLOSED and b.states[1] == TcpState.CLOSE
 
@@ -142,7 +142,10 @@ def test_closed_after_build(pairs):
     ps[1][0].close()
     for kind in SWEEPS:
         assert sweep(b, kind) == 1
-        assert b.dead()[0][2:] == (Status.INVALID, 9), kind
+        assert b.dead()[0][2:4] == (Status.INVALID, 9), kind
+        assert b.dead()[0].flags & Flag.BEHIND_BACK and b.verdict(1).flags & Flag.BEHIND_BACK
+    bad = Batch([-1])
+    assert not bad.dead()[0].flags & Flag.BEHIND_BACK          # bad when built
 
 
 def test_empty_batch():

@@ -25,7 +25,7 @@ def test_quick_bench_runs() -> None:
     doc = json.loads(text[text.index("\n{") + 1:])
     by = {r["name"]: r for r in doc["results"]}
     names = {"floor", "floor-spread", "engine", "engine-burst", "pyepoll", "asyncio",
-             "engine-busy"}
+             "engine-busy", "engine-gil"}
     assert set(by) == names and set(doc["summary"]) == names
     for name in names - {"engine-busy"}:
         r = by[name]
@@ -37,3 +37,6 @@ def test_quick_bench_runs() -> None:
     # may delay the peer's data past an interval now and then)
     assert by["engine-busy"]["pings"] <= 5, by["engine-busy"]
     assert by["engine-busy"].get("deaths", 0) == 0
+    # the main thread spun holding the GIL all along: the engine's own thread
+    # pinged, read the PONGs and killed nobody
+    assert by["engine-gil"]["deaths"] == 0 and by["engine-gil"]["pongs"] >= 50

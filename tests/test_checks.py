@@ -15,19 +15,10 @@ import fastlive
 from fastlive import Flag, Method, Status
 
 
-def pair():
-    with socket.create_server(("127.0.0.1", 0)) as lst:
-        cli = socket.create_connection(lst.getsockname(), timeout=5)
-        srv, _ = lst.accept()
-    return cli, srv
-
-
 @pytest.fixture
-def conn():
-    cli, srv = pair()
-    yield cli, srv
-    cli.close()
-    srv.close()
+def conn(loopback_pair):
+    """(client, server) on 127.0.0.1, closed after the test."""
+    return loopback_pair
 
 
 def settle(sock: socket.socket, timeout: float = 2.0) -> None:
@@ -127,7 +118,10 @@ def test_half_close_is_not_dead_for_the_writer(conn):
     for _ in range(3):
         r = fastlive.send(cli, b"still here")
         assert r.verdict.alive and r.sent == 10
-    assert fastlive.check_so_error(cli).alive
+    # the state (CLOSE_WAIT) says the peer's FIN came: every check says so,
+    # and WRITE_OPEN that our direction still works
+    v = fastlive.check_so_error(cli)
+    assert v.status is Status.PEER_CLOSED and v.flags & Flag.WRITE_OPEN
     srv.settimeout(2)
     got = b""
     while len(got) < 30:
@@ -174,7 +168,10 @@ def test_checks_never_consume_bytes(conn):
     assert got == payload
 
 
-def test_fin_behind_data_seen_by_poll_not_peek(conn):
+def test_fin_behind_data_seen_by_every_check(conn):
+    """A FIN queued behind unread data: the peek sees bytes, the state
+    (CLOSE_WAIT) sees the FIN; the one rule reports PEER_CLOSED with
+    DATA_PENDING, and nothing is consumed."""
     cli, srv = conn
     srv.sendall(b"last words")
     srv.close()
@@ -182,7 +179,7 @@ def test_fin_behind_data_seen_by_poll_not_peek(conn):
     time.sleep(0.05)
     assert fastlive.check_poll(cli).status is Status.PEER_CLOSED
     peek = fastlive.check_peek(cli)
-    assert peek.alive and peek.flags & Flag.DATA_PENDING
+    assert peek.status is Status.PEER_CLOSED and peek.flags & Flag.DATA_PENDING
     assert cli.recv(100) == b"last words"
     assert fastlive.check_peek(cli).status is Status.PEER_CLOSED
 

@@ -86,3 +86,18 @@ def test_readme_first_command_in_a_fresh_clone(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "ImportError" not in out.stderr and "PeerError" not in out.stderr
     assert "SIGKILL" in out.stdout and "6 heartbeat" in out.stdout
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject's ``packages`` lists every subpackage (a wheel would lack it)."""
+    try:
+        import tomllib
+    except ImportError:  # Python < 3.11
+        pytest.skip("tomllib needs Python 3.11")
+    if not (ROOT / "pyproject.toml").exists():
+        pytest.skip("no pyproject.toml beside the tests")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())
+                 ["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for p in (ROOT / "fastlive").rglob("__init__.py")}
+    assert found == listed

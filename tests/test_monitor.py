@@ -96,7 +96,7 @@ def test_already_dead_when_added(pairs, mon):
 def test_remove(pairs, mon):
     ps = pairs(3)
     for c, _ in ps:
-        mon.add(c, key=c.fileno())
+        mon.add(c)
     assert mon.remove(ps[0][0]) and mon.remove(ps[1][0].fileno())
     assert not mon.remove(ps[0][0])
     ps[2][0].close()                        # closed python socket: found by object
@@ -105,11 +105,28 @@ def test_remove(pairs, mon):
     mon.add(c.fileno(), key="k")
     assert c in mon and mon.remove(c)       # added by fd, removed by socket
     mon.add(c, key="k2")
-    assert mon.remove("k2")                 # or by key
+    assert mon.remove(key="k2")             # or by key, explicitly
+    assert not mon.remove(key="k2")
+    with pytest.raises(TypeError):
+        mon.remove("k2")                    # a positional argument is a socket or fd
+    with pytest.raises(TypeError):
+        mon.remove()
     p.close()
     for _, p in ps:
         p.close()
     assert mon.wait(0.05) == [] and len(mon) == 0
+
+
+def test_keys_and_fds_do_not_share_a_namespace(pairs, mon):
+    """add(sock, key=5) then remove(5): 5 is an fd number, never the key;
+    the socket that has fd 5 (if any) is the one removed."""
+    (a, _ap), (b, _bp) = pairs(2)
+    mon.add(a, key=b.fileno())              # a's key is b's fd number
+    mon.add(b, key="b")
+    assert mon.remove(b.fileno())           # removes b, the socket with that fd
+    assert a in mon and b not in mon
+    assert mon.remove(key=b.fileno())       # the key: removes a
+    assert len(mon) == 0
 
 
 def test_add_twice_and_bad_sockets(pairs, mon):
@@ -148,17 +165,18 @@ def test_sigkilled_peer_many_deaths_beyond_event_array(pairs):
             close_all(socks)
 
 
-def test_closed_behind_its_back(pairs, mon):
+def test_closed_behind_its_back_found_by_verify(pairs, mon):
     ps = pairs(3)
     for c, _ in ps:
         mon.add(c)
     fd0 = ps[0][0].fileno()
     ps[0][0].close()                        # no remove(): epoll forgets it
     ps[0][1].close()
-    assert mon.wait(0.05) == []             # nothing can tell epoll
+    assert mon.wait(0) == []                # no event: the kernel says nothing
     assert mon.verify() == 1
     [d] = mon.wait(0)
-    assert (d.fd, d.status, d.errno, d.behind_back) == (fd0, Status.CLOSED, 9, True)
+    assert (d.fd, d.status, d.errno, d.behind_back) == (fd0, Status.INVALID, 9, True)
+    assert d.flags & Flag.BEHIND_BACK and d.verdict.status is Status.INVALID
     assert d.key is ps[0][0] and len(mon) == 2
     # closed, but the open file lives on in a dup: the event still comes,
     # and the monitor sees the number no longer names the socket
@@ -167,10 +185,27 @@ def test_closed_behind_its_back(pairs, mon):
         ps[1][0].close()
         ps[1][1].close()
         [d] = collect(mon, 1)
-        assert d.behind_back and d.status is Status.CLOSED and d.key is ps[1][0]
+        assert d.behind_back and d.status is Status.INVALID and d.key is ps[1][0]
     finally:
         os.close(keep)
     assert mon.verify() == 0 and len(mon) == 1
+
+
+def test_closed_behind_its_back_reported_by_wait_itself(pairs, mon):
+    """No verify(): the audit wait() runs (a timerfd every 0.5 s) finds a
+    socket closed without remove(), and one whose number was reused."""
+    ps = pairs(4)
+    for i, (c, _) in enumerate(ps):
+        mon.add(c, key=i)
+    fd0 = ps[0][0].fileno()
+    ps[0][0].close()
+    (x, _xp), = pairs(1)                    # may get fd0's number: not registered
+    t = time.monotonic()
+    got = collect(mon, 1, timeout=3)
+    assert time.monotonic() - t < 1.5
+    assert [(d.key, d.fd, d.status, d.errno, d.behind_back) for d in got] == \
+        [(0, fd0, Status.INVALID, 9, True)]
+    assert len(mon) == 3 and x not in mon
 
 
 def test_fd_number_reused(pairs, mon):
@@ -184,7 +219,7 @@ def test_fd_number_reused(pairs, mon):
     try:
         mon.add(b2, key="B")                # same number, another socket
         [d] = mon.wait(0)
-        assert (d.key, d.behind_back, d.status) == ("A", True, Status.CLOSED)
+        assert (d.key, d.behind_back, d.status) == ("A", True, Status.INVALID)
         ap.close()                          # A's peer: nobody listens now
         assert mon.wait(0.05) == []
         bp.close()
@@ -279,15 +314,59 @@ def test_selectors_nesting(pairs, mon):
         assert d.key is c
 
 
-def test_close_and_context():
+def test_close_and_context(pairs):
+    (c, _), = pairs(1)
     with Monitor() as m:
         assert m.fileno() >= 0
-    assert m.closed and len(m) == 0
-    with pytest.raises(ValueError):
-        m.fileno()
-    with pytest.raises(ValueError):
-        m.wait(0)
+        m.add(c, key="c")
+        assert "watching=1" in repr(m)
+    assert m.closed and len(m) == 0 and repr(m) == "<Monitor closed>"
+    for call in (m.fileno, lambda: m.wait(0), lambda: m.wait(1), lambda: m.add(c),
+                 lambda: m.remove(c), m.verify):
+        with pytest.raises(ValueError, match="the monitor is closed"):
+            call()
     m.close()                               # twice is fine
+
+
+@pytest.mark.parametrize("bad,exc", [
+    (float("inf"), ValueError), (1e300, ValueError), (-1, ValueError), (float("nan"), ValueError),
+    (True, TypeError), ("1", TypeError), (None, ValueError)])
+def test_wait_timeout_validation(mon, bad, exc):
+    with pytest.raises(exc, match="timeout"):
+        mon.wait(bad)
+
+
+@pytest.mark.parametrize("bad,exc", [(2**63, ValueError), (0, ValueError), (True, TypeError),
+                                     (1.5, TypeError)])
+def test_max_events_validation(bad, exc):
+    with pytest.raises(exc, match="max_events"):
+        Monitor(max_events=bad)
+
+
+def test_add_bad_fd_numbers(mon):
+    for fd in (-2**31 - 1, -2**63, 2**40):
+        with pytest.raises(OSError) as ei:
+            mon.add(fd)
+        assert ei.value.errno == 9
+
+
+def test_registry_counts_deaths(pairs):
+    from fastlive import _registry
+    ps = pairs(2)
+    with Monitor() as m:
+        assert m in _registry.engines()
+        for c, _ in ps:
+            m.add(c)
+        ps[0][1].close()
+        rst(ps[1][1])
+        assert len(collect(m, 2)) == 2
+        # counted once the caller has them: at the next wait() (or close())
+        assert m.wait(0) == []
+        deaths, _b, _s, timed = m.counters.snapshot()
+        assert deaths == {(int(Status.PEER_CLOSED), int(Method.EPOLL)): 1,
+                          (int(Status.RESET), int(Method.EPOLL)): 1}
+        assert timed == 0
+    assert m not in _registry.engines()
 
 
 SILENT = textwrap.dedent("""
@@ -358,22 +437,6 @@ def test_add_while_another_thread_waits(pairs):
     assert [(d.key, d.status) for d in got] == [("late", Status.PEER_CLOSED)]
 
 
-def test_close_wakes_a_waiting_thread():
-    import threading
-    m = Monitor()
-    done = []
-    t = threading.Thread(target=lambda: done.append(m.wait(20)))
-    t.start()
-    deadline = time.monotonic() + 5
-    while not m._waiting.locked() and time.monotonic() < deadline:
-        time.sleep(0.001)                   # the thread is in wait()
-    assert m._waiting.locked()
-    start = time.monotonic()
-    m.close()
-    t.join(10)
-    assert done == [[]] and time.monotonic() - start < 5
-
-
 def test_inode_identity_fallback(pairs):
     """The identity used where the kernel lacks SO_COOKIE."""
     import errno as _errno
@@ -391,3 +454,17 @@ def test_inode_identity_fallback(pairs):
         os.close(r)
         os.close(w)
     assert lib.fl_socket_inode(-1, ino) == -_errno.EBADF
+
+
+def test_readd_after_death_reports_again(pairs, mon):
+    """The kernel keeps a reported (disarmed) registration until the socket
+    closes; adding the same socket again re-arms it."""
+    (c, p), = pairs(1)
+    mon.add(c, key=1)
+    p.shutdown(socket.SHUT_WR)
+    [d] = collect(mon, 1)
+    assert (d.key, d.status) == (1, Status.PEER_CLOSED)
+    mon.add(c, key=2)
+    [d] = collect(mon, 1)
+    assert (d.key, d.status) == (2, Status.PEER_CLOSED)
+    assert mon.wait(0.05) == [] and len(mon) == 0

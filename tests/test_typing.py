@@ -43,24 +43,8 @@ def test_native_stub_matches_the_build():
         assert f" {name}" in stub, name
 
 
-#: Public names still without a docstring, in files other branches own
-#: (issue 11 section 3).  A ratchet: the test fails when one of these gains a
-#: docstring (remove it here) and when anything else lacks one.
-KNOWN_UNDOCUMENTED = {
-    "fastlive/_lib.py:HasFileno", "fastlive/_lib.py:HasFileno.fileno",
-    "fastlive/_registry.py:Tracked.closed", "fastlive/_version.py:<module>",
-    "fastlive/batch.py:Batch.closed", "fastlive/heartbeat/engine.py:RttSample",
-    "fastlive/heartbeat/engine.py:EngineStats", "fastlive/heartbeat/engine.py:HeartbeatEngine.stats",
-    "fastlive/heartbeat/peer.py:PyHeartbeatPeer.add", "fastlive/heartbeat/peer.py:PyHeartbeatPeer.remove",
-    "fastlive/heartbeat/peer.py:PyHeartbeatPeer.stop", "fastlive/heartbeat/peer.py:PyHeartbeatPeer.close",
-    "fastlive/heartbeat/wire.py:FrameType", "fastlive/heartbeat/wire.py:Frame",
-    "fastlive/heartbeat/wire.py:ping", "fastlive/monitor.py:Monitor.closed",
-    "fastlive/rw.py:SendResult", "fastlive/testing/netns.py:netns_available",
-    "fastlive/testing/peer.py:PeerProcess.running", "fastlive/testing/peer.py:PeerProcess.returncode",
-    "fastlive/testing/peer.py:ManyPeers.close", "fastlive/verdict.py:Flag",
-    "fastlive/verdict.py:Verdict.invalid", "fastlive/verdict.py:Verdict.suspect",
-    "fastlive/verdict.py:new_c_verdict",
-}
+#: Public names allowed without a docstring: none (issue 11 section 3).
+KNOWN_UNDOCUMENTED: set = set()
 
 
 def _walk(node, rel, prefix, out):

@@ -9,7 +9,8 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from ..verdict import Method, Status, Verdict
+from .._lib import lib, seconds
+from ..verdict import Method, Seen, Status, Verdict, decide
 from .engine import HeartbeatDeath, _check_schedule
 from .wire import Decoder, FrameError, FrameType, ping, pong_for
 
@@ -54,6 +55,10 @@ class PyHeartbeatPeer:
 
     def add(self, sock: socket.socket, interval: Optional[float] = None,
             misses: int = 3) -> None:
+        """Answer ``sock``'s PINGs; with ``interval`` (seconds) also PING it
+        after that much silence and report it dead after ``misses *
+        interval`` without a byte.  The socket is registered with the
+        selector (epoll) for reading."""
         if interval is not None:
             _check_schedule(interval, misses)
         with self._mutex:
@@ -62,6 +67,8 @@ class PyHeartbeatPeer:
             self._sel.register(conn.fd, selectors.EVENT_READ, conn)
 
     def remove(self, sock: socket.socket) -> None:
+        """Stop answering and watching ``sock`` (unregisters it from the
+        selector; the socket stays open)."""
         with self._mutex:
             conn = self._conns.pop(sock.fileno(), None)
             if conn is not None:
@@ -70,13 +77,21 @@ class PyHeartbeatPeer:
     def __len__(self) -> int:
         return len(self._conns)
 
-    def _die(self, conn: _PeerConn, status: Status, err: int, method: Method,
-             now: float) -> None:
+    def _die(self, conn: _PeerConn, err: int, seen: int, method: Method, now: float) -> None:
+        """The connection is given up: the verdict comes from the one rule
+        (:func:`fastlive.verdict.decide`, C ``fl_verdict_decide``) applied to
+        what was seen and the socket's TCP state, as in the C engine."""
         if self._conns.pop(conn.fd, None) is None:
             return
         self._sel.unregister(conn.fd)
-        self._deaths.append(HeartbeatDeath(conn.fd, Verdict(status, method, err),
-                                  now - conn.last_heard, conn.sock))
+        state = -1
+        if err != _errno.EBADF:
+            st = int(lib.fl_tcp_state(conn.fd))
+            state = st if st >= 0 else -1
+        v = decide(method, err, state, seen)
+        if v.status is Status.ALIVE:          # given up all the same
+            v = Verdict(Status.ERROR, method, err or _errno.EIO, v.tcp_state, v.flags)
+        self._deaths.append(HeartbeatDeath(conn.fd, v, now - conn.last_heard, conn.sock, now))
 
     def _send(self, conn: _PeerConn, frame: bytes, now: float) -> None:
         try:
@@ -84,9 +99,7 @@ class PyHeartbeatPeer:
         except BlockingIOError:
             pass
         except OSError as exc:
-            err = exc.errno or 0
-            st = Status.RESET if err in (_errno.ECONNRESET, _errno.EPIPE) else Status.ERROR
-            self._die(conn, st, err, Method.HEARTBEAT, now)
+            self._die(conn, exc.errno or _errno.EIO, 0, Method.HEARTBEAT, now)
 
     def _read(self, conn: _PeerConn, now: float) -> None:
         try:
@@ -94,21 +107,19 @@ class PyHeartbeatPeer:
         except BlockingIOError:
             return
         except OSError as exc:
-            err = exc.errno or 0
-            st = Status.RESET if err == _errno.ECONNRESET else Status.ERROR
-            self._die(conn, st, err, Method.EPOLL, now)
+            self._die(conn, exc.errno or _errno.EIO, 0, Method.EPOLL, now)
             return
         if not data:
             if conn.decoder.pending:
-                self._die(conn, Status.ERROR, _errno.EPROTO, Method.HEARTBEAT, now)
+                self._die(conn, _errno.EPROTO, Seen.EOF, Method.HEARTBEAT, now)
             else:
-                self._die(conn, Status.PEER_CLOSED, 0, Method.EPOLL, now)
+                self._die(conn, 0, Seen.EOF, Method.EPOLL, now)
             return
         conn.last_heard = now
         try:
             frames = conn.decoder.feed(data)
         except FrameError as exc:
-            self._die(conn, Status.ERROR, exc.errno, Method.HEARTBEAT, now)
+            self._die(conn, exc.errno, Seen.DATA, Method.HEARTBEAT, now)
             return
         for f in frames:
             if f.type == FrameType.PING:
@@ -125,6 +136,7 @@ class PyHeartbeatPeer:
     def step(self, timeout: float) -> List[HeartbeatDeath]:
         """One round: wait up to ``timeout`` seconds for data, read it, then
         ping the silent connections; returns the deaths found."""
+        timeout = seconds("timeout", timeout)
         for key, _ in self._sel.select(timeout):
             with self._mutex:
                 conn: _PeerConn = key.data
@@ -137,7 +149,7 @@ class PyHeartbeatPeer:
                     continue
                 silence = now - conn.last_heard
                 if silence >= conn.interval * conn.misses:
-                    self._die(conn, Status.TIMED_OUT, _errno.ETIMEDOUT,
+                    self._die(conn, _errno.ETIMEDOUT, Seen.EXPIRED,
                               Method.HEARTBEAT, now)
                 elif now - conn.quiet_since >= conn.interval and now >= conn.ping_due + conn.interval:
                     conn.seq = (conn.seq + 1) & 0xFFFF
@@ -169,12 +181,17 @@ class PyHeartbeatPeer:
         return out
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop the :meth:`start` thread (waits up to ``timeout`` seconds for
+        it to finish its current step)."""
+        timeout = seconds("timeout", timeout)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
 
     def close(self) -> None:
+        """Stop the thread and close the selector's epoll fd (the sockets
+        stay open)."""
         self.stop()
         self._sel.close()
 

@@ -32,11 +32,15 @@ MAX_FRAME: int = HEADER_LEN + MAX_PAYLOAD
 
 
 class FrameType(enum.IntEnum):
+    """The frame type nibble: PING asks for an answer, PONG answers (echoing the seq)."""
+
     PING = lib.FL_HB_PING
     PONG = lib.FL_HB_PONG
 
 
 class Frame(NamedTuple):
+    """One parsed frame header (the payload, v1: none, is skipped)."""
+
     version: int
     type: FrameType
     seq: int
@@ -65,6 +69,7 @@ def encode(type_: int, seq: int) -> bytes:
 
 
 def ping(seq: int) -> bytes:
+    """A PING frame with sequence number ``seq`` (0..65535)."""
     return encode(FrameType.PING, seq)
 
 
@@ -117,6 +122,7 @@ class Decoder:
     """Incremental decoder of one connection's byte stream."""
 
     def __init__(self) -> None:
+        """An empty decoder (no partial frame held)."""
         self._buf = b""
 
     @property

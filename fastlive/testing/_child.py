@@ -428,6 +428,14 @@ def _heartbeat_main(args: argparse.Namespace) -> int:
         for s in socks:
             eng.add(s, args.interval or 3600.0, args.misses)
         print("ready", flush=True)
+        if args.busy:
+            # The application never calls in and holds the GIL: the
+            # engine's own thread must answer (and ping) all the same.
+            n = 0
+            while time.monotonic() < end:
+                for _ in range(100000):
+                    n += 1
+            return 0
         alive = len(socks)
         while alive and time.monotonic() < end:
             alive -= len(eng.wait(0.5))
@@ -460,6 +468,8 @@ def _parser() -> argparse.ArgumentParser:
     hb.add_argument("--interval", type=float, default=None)
     hb.add_argument("--misses", type=int, default=3)
     hb.add_argument("--engine", choices=("c", "py"), default="py")
+    hb.add_argument("--busy", action="store_true",
+                    help="(engine c) after ready, spin in Python holding the GIL and never call the engine")
     hb.add_argument("--lifetime", type=float, default=120.0,
                     help="exit after this many seconds in any case")
     return p

@@ -137,6 +137,7 @@ def netns_unavailable() -> Optional[str]:
 
 
 def netns_available() -> bool:
+    """Whether NetnsPair can run here (see netns_unavailable for why not)."""
     return netns_unavailable() is None
 
 

@@ -157,10 +157,12 @@ class PeerProcess:
 
     @property
     def running(self) -> bool:
+        """Whether the helper process has not exited yet."""
         return self._proc.poll() is None
 
     @property
     def returncode(self) -> Optional[int]:
+        """The helper's exit status, None while it runs."""
         return self._proc.poll()
 
     # -- connections -------------------------------------------------------
@@ -395,6 +397,8 @@ class ManyPeers:
             self.proc.wait(self.timeout)
 
     def close(self) -> None:
+        """SIGKILL the holder (its kernel closes every peer socket) and close
+        the pipes; safe to call twice."""
         if self.proc is None:
             return
         try:
@@ -429,14 +433,20 @@ class HeartbeatPeerProcess:
     it makes ``count`` connections to ``lst`` (a listening loopback socket
     of this process), answers PINGs with the plain-Python peer (``engine=
     "py"``) or the C engine (``"c"``), and pings too when ``interval`` is
-    given.  :attr:`socks` are this side's accepted sockets."""
+    given.  ``busy=True`` (C engine only): once ready, the helper's Python
+    spins holding the GIL and never calls the engine, so only the engine's
+    own thread answers.  :attr:`socks` are this side's accepted sockets."""
 
     def __init__(self, lst: socket.socket, count: int = 1, *, engine: str = "py",
                  interval: Optional[float] = None, misses: int = 3,
-                 lifetime: float = 60.0, timeout: float = 10.0) -> None:
+                 lifetime: float = 60.0, timeout: float = 10.0, busy: bool = False) -> None:
+        if busy and engine != "c":
+            raise ValueError("busy=True needs engine='c' (the Python peer cannot answer while busy)")
         host, port = lst.getsockname()[:2]
         args = ["--connect", f"{host}:{port}", "--count", str(count),
                 "--lifetime", str(lifetime), "--engine", engine, "--misses", str(misses)]
+        if busy:
+            args.append("--busy")
         if interval is not None:
             args += ["--interval", str(interval)]
         self.proc: subprocess.Popen[bytes] = spawn("heartbeat", args, stdout=subprocess.PIPE)

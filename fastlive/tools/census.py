@@ -34,6 +34,7 @@ def _num(info: Any, name: str, scale: int = 1, fmt: str = "{}") -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastlive census`` options."""
     parser.add_argument("--state", action="append", metavar="STATE",
                         help="only this TCP state (e.g. established, close-wait); repeatable")
     parser.add_argument("--port", type=int, metavar="PORT",
@@ -99,6 +100,7 @@ def format_death(e: CensusEntry, t: float) -> str:
 
 
 def entry_json(e: CensusEntry) -> Dict[str, Any]:
+    """One census record as a JSON-ready dict (``--json``)."""
     return e.as_dict()
 
 
@@ -130,6 +132,7 @@ def _follow(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def run(args: argparse.Namespace, out: Optional[TextIO] = None) -> int:
+    """Run ``fastlive census``: one dump printed as a table or JSON, or the death log with ``--follow``."""
     stream = out if out is not None else sys.stdout
     try:
         if args.follow:

@@ -28,6 +28,7 @@ COMMANDS: List[Tuple[str, str, str]] = [
     ("client", "fastlive.tools.article", "the article's TCP client (takes over the process)"),
     ("server", "fastlive.tools.article", "the article's TCP server, one --method per section "
      "(takes over the process)"),
+    ("exporter", "fastlive.tools.exporter", "serve /metrics for Prometheus: this machine's TCP census"),
 ]
 
 

@@ -70,6 +70,7 @@ class Suspect:
 
     @property
     def peer(self) -> str:
+        """The remote host this suspect connection talks to (the grouping key)."""
         return self.entry.remote[0]
 
 
@@ -158,6 +159,7 @@ def analyze(c: Census, dump_ms: float = 0.0, find_owners: bool = True) -> Snapsh
 
 
 def sparkline(values: Iterable[int]) -> str:
+    """The last values as a row of block characters (one per refresh)."""
     vals = list(values)
     if not vals:
         return ""
@@ -178,6 +180,7 @@ class History:
         self.last: Optional[Snapshot] = None
 
     def add(self, snap: Snapshot) -> None:
+        """Record one refresh's counts."""
         self.prev, self.last = self.last, snap
         seen = set()
         for host, (_n, ctr) in snap.peers.items():
@@ -191,11 +194,13 @@ class History:
                     del self.peer[host]
 
     def delta(self, key: Union[TcpState, int]) -> Optional[int]:
+        """The change of a state's count since the previous refresh."""
         if self.prev is None or self.last is None:
             return None
         return self.last.counts.get(key, 0) - self.prev.counts.get(key, 0)
 
     def peer_delta(self, host: str) -> Optional[int]:
+        """The change of a remote peer's suspect count since the previous refresh."""
         if self.prev is None or self.last is None:
             return None
         return self.last.peers.get(host, (0, None))[0] - self.prev.peers.get(host, (0, None))[0]
@@ -332,6 +337,7 @@ def _render_rich(h: History, limit: int) -> Any:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``fastlive top`` options."""
     parser.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
                         help="seconds between refreshes (default 2)")
     parser.add_argument("--once", action="store_true", help="print one refresh as text and exit")
@@ -352,6 +358,7 @@ def _snapshot(args: argparse.Namespace) -> Snapshot:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``fastlive top``: a live view in a terminal (rich), plain text otherwise or with ``--once``."""
     if not (args.interval > 0) or args.interval > 86400:
         print("fastlive top: --interval must be > 0 seconds", file=sys.stderr)
         return 2

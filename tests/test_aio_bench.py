@@ -1,0 +1,50 @@
+"""bench/bench_aio.py runs (a few hundred connections, short windows) and
+prints both parts with asyncio and uvloop columns; the numbers it reports
+are checked for sanity only (speed is the benchmark's business)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "bench_aio.py"
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(BENCH), "--quick", "--json", *args],
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+@pytest.mark.slow
+@pytest.mark.no_qemu("too slow emulated")
+def test_bench_gone_quick() -> None:
+    out = bench("--parts", "gone")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "peer_gone woke" in out.stdout
+    data = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    for name, r in data["gone"].items():
+        assert r["woke"] == r["killed"] == 3, (name, r)
+        assert r["wrong"] == 0, (name, r)
+        if name.startswith("fastlive"):
+            assert r["watched"] == 300
+
+
+@pytest.mark.slow
+@pytest.mark.no_qemu("too slow emulated")
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the C peer and floor")
+def test_bench_heartbeat_quick() -> None:
+    out = bench("--parts", "hb", "--n", "100", "--seconds", "1", "--warmup", "0.5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    names = {r["name"] for r in data["hb"]}
+    assert {"floor", "LoopHeartbeat/asyncio", "task-per-conn/asyncio+blocked",
+            "ws-style/asyncio"} <= names
+    for r in data["hb"]:
+        assert r["pings"] > 0, r

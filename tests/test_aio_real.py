@@ -1,0 +1,255 @@
+"""fastlive.aio with software nobody here wrote, on asyncio and uvloop:
+
+* redis-server (Debian package) inside a netns pair and the ``redis`` PyPI
+  client's asyncio API: the server is blackholed while connected; without
+  fastlive ``await r.get(k)`` is still blocked after 10 s, with the
+  documented recipe (docs/aio.md) it fails within the bound and the next
+  call reconnects.
+* aiohttp's server: a client that vanishes (link down) is closed within the
+  bound; the same client on an unguarded listener is still there.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+from typing import Any, Callable, Coroutine, List
+
+import pytest
+
+import fastlive.aio as aio
+from fastlive import Status
+from fastlive.testing import NetnsPair, PeerProcess, netns_unavailable
+
+NETNS = netns_unavailable()
+BOUND = 5           # the detection bound the tests ask for (seconds)
+SLACK = 10.0        # a loaded 2-core machine
+
+pytestmark = [pytest.mark.slow, pytest.mark.no_qemu("network namespaces and real servers"),
+              pytest.mark.skipif(NETNS is not None, reason=f"netns: {NETNS}")]
+
+
+def _factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
+        return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return asyncio.new_event_loop
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def kind(request: pytest.FixtureRequest) -> str:
+    _factory(request.param)
+    return str(request.param)
+
+
+def run(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
+    loop = _factory(kind)()
+    try:
+        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
+    finally:
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_default_executor())
+        loop.close()
+
+
+def _restore_address(pair: NetnsPair) -> None:
+    """Undo NetnsPair.blackhole(): the server's address comes back in B."""
+    subprocess.run(["ip", "-n", pair.ns_b, "addr", "add", f"{pair.addr_b}/24", "dev", pair.dev_b],
+                   check=True, capture_output=True, timeout=10)
+
+
+def _wait_port(pair: NetnsPair, port: int, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while True:
+        with pair.inside_a():
+            s = socket.socket()
+        try:
+            s.settimeout(1.0)
+            s.connect((pair.addr_b, port))
+            return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.1)
+        finally:
+            s.close()
+
+
+@contextlib.contextmanager
+def redis_server(pair: NetnsPair, port: int = 6390) -> Any:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server)")
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", pair.ns_b, exe, "--port", str(port), "--bind", "0.0.0.0",
+         "--protected-mode", "no", "--save", "", "--appendonly", "no", "--daemonize", "no",
+         "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(pair, port)
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_redis_blackholed_server(kind: str) -> None:
+    redis_asyncio = pytest.importorskip("redis.asyncio", reason="pip install redis")
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    # The recipe (docs/aio.md): guard the driver's connection once it is made.
+    async def guarded_connect(conn: Any) -> None:
+        aio.guard(conn._writer, within=BOUND)
+        await conn.on_connect()
+
+    with NetnsPair() as pair, redis_server(pair) as port:
+        async def main() -> None:
+            # socket_timeout=None: no read timeout (redis-py < 8's default; 8.x
+            # defaults to 5 s, which also fails a slow command or a BLPOP on a
+            # healthy server).  No retries, so the failure is seen.
+            kw = dict(host=pair.addr_b, port=port, retry=Retry(NoBackoff(), 0),
+                      socket_timeout=None, single_connection_client=True)
+            plain = redis_asyncio.Redis(**kw)
+            guarded = redis_asyncio.Redis(redis_connect_func=guarded_connect, **kw)
+            try:
+                await plain.set("k", "v1")
+                assert await guarded.get("k") == b"v1"
+                assert len(aio.watcher_for()) == 1
+                await asyncio.to_thread(pair.blackhole)
+                t0 = time.monotonic()
+                p = asyncio.ensure_future(plain.get("k"))
+                g = asyncio.ensure_future(guarded.get("k"))
+                with pytest.raises((RedisConnectionError, RedisTimeoutError)):
+                    await asyncio.wait_for(g, BOUND + SLACK)
+                took = time.monotonic() - t0
+                assert took < BOUND + SLACK, took
+                await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - t0)))
+                assert not p.done(), "without fastlive the call should still be blocked"
+                p.cancel()
+                await asyncio.gather(p, return_exceptions=True)
+                await asyncio.to_thread(_restore_address, pair)
+                assert await asyncio.wait_for(guarded.get("k"), 30) == b"v1"    # reconnected
+                print(f"\n{kind}: guarded GET failed after {took:.2f} s "
+                      f"(bound {BOUND} s); unguarded still blocked at 10 s")
+            finally:
+                for r in (plain, guarded):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(r.aclose(), 5)
+        with pair.inside_a():      # the clients' sockets are made in namespace A
+            run(kind, main())
+
+
+def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
+    web = pytest.importorskip("aiohttp.web", reason="pip install aiohttp")
+
+    with NetnsPair() as pair:
+        with pair.inside_a():
+            lst_g = socket.create_server((pair.addr_a, 0))
+            lst_p = socket.create_server((pair.addr_a, 0))
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            started = asyncio.Event()
+
+            async def long_poll(request: Any) -> Any:
+                started.set()
+                await asyncio.Event().wait()     # waits for an event that never comes
+                return web.Response(text="never")
+
+            app = web.Application()
+            app.router.add_get("/wait", long_poll)
+            runner = web.AppRunner(app, shutdown_timeout=1.0)
+            await runner.setup()
+            gone: List[Any] = []
+            srv_g = await loop.create_server(
+                aio.guard_protocol(runner.server, within=BOUND,
+                                   on_gone=lambda tr, v: gone.append((time.monotonic(), v))),
+                sock=lst_g)
+            srv_p = await loop.create_server(runner.server, sock=lst_p)
+            client = None
+            try:
+                client = await asyncio.to_thread(
+                    PeerProcess, connect=(pair.addr_a, lst_g.getsockname()[1]), netns=pair.ns_b)
+                other = await asyncio.to_thread(client.connect, (pair.addr_a, lst_p.getsockname()[1]))
+                req = b"GET /wait HTTP/1.1\r\nHost: test\r\n\r\n"
+                for conn in (0, other):
+                    started.clear()
+                    await asyncio.to_thread(client.send, req, conn)
+                    await asyncio.wait_for(started.wait(), 30)
+                assert len(runner.server.connections) == 2
+                await asyncio.to_thread(pair.link_down)
+                t0 = time.monotonic()
+                end = t0 + BOUND + SLACK
+                while not gone and time.monotonic() < end:
+                    await asyncio.sleep(0.1)
+                assert gone, "the vanished client was not detected"
+                took = gone[0][0] - t0
+                assert gone[0][1].status is Status.TIMED_OUT, gone[0][1]
+                assert took < BOUND + SLACK, took
+                def open_handlers() -> int:
+                    return sum(h.transport is not None for h in runner.server.connections)
+
+                while open_handlers() > 1 and time.monotonic() < end:
+                    await asyncio.sleep(0.05)
+                # the guarded connection is closed; the unguarded one still hangs on
+                assert open_handlers() == 1
+                print(f"\n{kind}: aiohttp connection closed {took:.2f} s after link down "
+                      f"(bound {BOUND} s); the unguarded one is still open")
+            finally:
+                if client is not None:
+                    await asyncio.to_thread(client.close)
+                srv_g.close()
+                srv_p.close()
+                await runner.cleanup()
+        with pair.inside_a():
+            run(kind, main())
+        lst_g.close()
+        lst_p.close()
+
+
+def test_aiohttp_client_socket_factory(kind: str) -> None:
+    """A request outstanding on a server that then vanishes (blackhole): with
+    fastlive's socket factory the session's request fails within the bound;
+    without it the request is still waiting."""
+    aiohttp = pytest.importorskip("aiohttp", reason="pip install aiohttp")
+
+    with NetnsPair() as pair:
+        assert pair.peer is not None
+        url = f"http://{pair.addr_b}:{pair.peer.port}/"   # accepts, never answers
+
+        async def main() -> None:
+            timeout = aiohttp.ClientTimeout(total=None)
+            guarded = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
+                socket_factory=aio.socket_factory(within=BOUND)))
+            plain = aiohttp.ClientSession(timeout=timeout)
+            try:
+                g = asyncio.ensure_future(guarded.get(url))
+                p = asyncio.ensure_future(plain.get(url))
+                await asyncio.sleep(1.0)
+                assert not g.done() and not p.done()
+                await asyncio.to_thread(pair.blackhole)
+                t0 = time.monotonic()
+                with pytest.raises(aiohttp.ClientError):
+                    await asyncio.wait_for(g, BOUND + SLACK)
+                took = time.monotonic() - t0
+                assert took < BOUND + SLACK, took
+                assert not p.done(), "without fastlive the request should still be waiting"
+                p.cancel()
+                await asyncio.gather(p, return_exceptions=True)
+                print(f"\n{kind}: aiohttp request failed {took:.2f} s after the blackhole "
+                      f"(bound {BOUND} s); the plain session's is still waiting")
+            finally:
+                await guarded.close()
+                await plain.close()
+        with pair.inside_a():
+            run(kind, main())
