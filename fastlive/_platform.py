@@ -21,6 +21,17 @@ Two independent signals, either of which is enough:
   104 bytes of ``struct tcp_info``; qemu-user returns 4.
 
 Both are read once and cached.
+
+A **full-system emulated machine** (``qemu-system`` with TCG, as
+``scripts/arm_kernels.sh`` boots for the ARM kernels) is the opposite
+case: its kernel is real, so TCP_INFO is full length and nothing above
+fires, but its CPU is 10-50 times slower than the host's.  Nothing inside
+the guest tells TCG from KVM or hardware (the ``virt`` machine's device
+tree and a ``QEMU`` DMI vendor look the same under KVM), so the runner
+says so: it sets ``FASTLIVE_TCG_VM`` (to a description) in the guest's
+init, and every process inherits it.  :func:`tcg_vm` reads it;
+:func:`emulated_cpu` is true under either kind of emulation (tests timed
+against wall-clock windows skip there).
 """
 from __future__ import annotations
 
@@ -31,8 +42,8 @@ import threading
 from typing import Optional
 
 __all__ = [
-    "BASE_TCP_INFO_LENGTH", "tcp_info_length", "tcp_info_truncated", "emulator", "under_qemu",
-    "describe",
+    "BASE_TCP_INFO_LENGTH", "TCG_VM_ENV", "tcp_info_length", "tcp_info_truncated", "emulator",
+    "under_qemu", "tcg_vm", "emulated_cpu", "describe",
 ]
 
 #: ``struct tcp_info`` up to ``tcpi_total_retrans``: what every Linux kernel
@@ -88,9 +99,33 @@ def under_qemu() -> bool:
     return emulator() is not None or 0 < tcp_info_length() <= 8
 
 
+#: The variable a full-system emulator's guest init sets (its value
+#: describes the machine, e.g. ``qemu-system TCG (arm64, scripts/arm_kernels.sh)``).
+TCG_VM_ENV = "FASTLIVE_TCG_VM"
+
+
+def tcg_vm() -> Optional[str]:
+    """The runner's description when this process runs in a full-system
+    emulated (TCG) virtual machine, i.e. ``$FASTLIVE_TCG_VM`` when set and
+    not empty; else None."""
+    return os.environ.get(TCG_VM_ENV) or None
+
+
+def emulated_cpu() -> bool:
+    """True when the CPU is emulated: qemu-user (:func:`under_qemu`) or a
+    full-system TCG machine (:func:`tcg_vm`).  Wall-clock windows that a
+    native CPU meets with room to spare are then missed."""
+    return under_qemu() or tcg_vm() is not None
+
+
 def describe() -> str:
     """One line for test headers and bug reports."""
     import platform
-    where = f"qemu-user ({emulator() or 'short TCP_INFO'})" if under_qemu() else "native"
+    if under_qemu():
+        where = f"qemu-user ({emulator() or 'short TCP_INFO'})"
+    elif tcg_vm():
+        where = f"{tcg_vm()}, Linux {platform.release()}"
+    else:
+        where = "native"
     return (f"{platform.machine()} {where}, Python {platform.python_version()}, "
             f"TCP_INFO {tcp_info_length()} bytes")

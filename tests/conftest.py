@@ -8,6 +8,9 @@ the suite on emulated aarch64 and armv7l); see fastlive/_platform.py:
 * ``@pytest.mark.no_qemu("why")`` - skipped under qemu-user with that
   reason (network namespaces, root-only setups, netlink, host tools, or
   too slow emulated).
+* ``@pytest.mark.timed("why")`` - timed against wall-clock windows that an
+  emulated CPU misses: skipped under qemu-user and in a full-system TCG
+  machine (scripts/arm_kernels.sh sets ``FASTLIVE_TCG_VM`` there).
 * ``@pytest.mark.tcp_info_fields("rtt", "bytes_acked", ...)`` - skipped
   where getsockopt(TCP_INFO) does not return those fields (qemu-user
   returns 4 bytes: ``state`` only).  With no names: needs the 104-byte
@@ -26,6 +29,9 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "no_qemu(reason): cannot run under qemu-user emulation; "
         "skipped there with the reason")
+    config.addinivalue_line(
+        "markers", "timed(reason): timed against wall-clock windows; skipped on an "
+        "emulated CPU (qemu-user or a full-system TCG machine) with the reason")
     config.addinivalue_line(
         "markers", "tcp_info_fields(*names): needs these TCP_INFO fields "
         "(none named: the 104-byte base record); skipped where the kernel "
@@ -54,7 +60,14 @@ def _tcp_info_skip(names):
 
 def pytest_collection_modifyitems(config, items):
     qemu = _platform.under_qemu()
+    emulated = "qemu-user" if qemu else _platform.tcg_vm()
     for item in items:
+        if emulated:
+            for mark in item.iter_markers("timed"):
+                why = mark.args[0] if mark.args else mark.kwargs.get("reason", "")
+                item.add_marker(pytest.mark.skip(
+                    reason=f"emulated CPU ({emulated}): {why or 'timed test'}"))
+                break
         if qemu:
             for mark in item.iter_markers("no_qemu"):
                 why = mark.args[0] if mark.args else mark.kwargs.get("reason", "")

@@ -68,8 +68,8 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only"),
     # timed against the native originals (1 s passes, events half-way), all
     # runs at once: emulated ports miss those windows on a 2-core host
-    pytest.mark.no_qemu("transcripts are timed against the native C originals; "
-                        "emulated processes miss the 1 s windows"),
+    pytest.mark.timed("transcripts are timed against the native C originals; "
+                      "emulated processes miss the 1 s windows"),
 ]
 
 

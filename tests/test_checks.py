@@ -184,7 +184,23 @@ def test_fin_behind_data_seen_by_every_check(conn):
     assert fastlive.check_peek(cli).status is Status.PEER_CLOSED
 
 
-def test_select_beyond_fd_setsize_falls_back_to_poll(conn):
+@pytest.fixture
+def nofile_above_1500():
+    """A soft RLIMIT_NOFILE above 1500 (a stock shell gives 1024) while the
+    test runs, raised up to the hard limit; skips when the hard limit is
+    lower."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 1501
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"RLIMIT_NOFILE hard limit is {hard}: cannot open fd 1500")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_select_beyond_fd_setsize_falls_back_to_poll(conn, nofile_above_1500):
     cli, srv = conn
     high = os.dup2(cli.fileno(), 1500)
     try:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from fastlive import _platform
 from fastlive.testing import netns_unavailable
 from fastlive.tools.demo import FAILURES, METHODS, SILENT, run_matrix
 
@@ -80,9 +81,19 @@ def test_cell_physics(matrix, method, failure, busy):
         assert not c.detected, c
         return
     status, errnos, (lo, hi) = want
+    statuses = set(status) if isinstance(status, tuple) else {status}
+    if method == "heartbeat" and failure in ("fin", "kill"):
+        # the peer's close (or its dead process's kernel) sends an RST, not a
+        # FIN, when our PING had arrived unread (close with unread data; seen
+        # on arm64 under TCG)
+        statuses.add("RESET")
+        errnos = errnos | {errno.ECONNRESET}
     assert c.detected, c
-    statuses = status if isinstance(status, tuple) else (status,)
     assert c.status in statuses and c.errno in errnos, c
+    if _platform.emulated_cpu():
+        # the windows are a native CPU's: emulated (qemu-user, a TCG machine),
+        # reads start and faults land 0.1-2 s off them (seen on arm64/armhf)
+        return
     assert c.after is not None and lo <= c.after <= hi, c
 
 

@@ -226,8 +226,9 @@ def test_helper_dies_with_its_owner(freeze, thread):
         """)], stdout=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(fastlive.__file__))})
     try:
-        r, _, _ = select.select([owner.stdout], [], [], 10)
-        assert r, "owner did not start its helper"
+        # two Python starts: seconds on an emulated CPU, so a generous deadline
+        r, _, _ = select.select([owner.stdout], [], [], 60)
+        assert r, "owner did not start its helper within 60 s"
         pid = int(owner.stdout.readline())
         assert os.path.exists(f"/proc/{pid}")
         owner.kill()
@@ -305,8 +306,13 @@ def test_link_down_state(netns_pair):
     p.local.sendall(b"lost")
     assert tcp_info(p.local).state == TcpState.ESTABLISHED
     assert tcp_info(p.local).unacked >= 1
-    p.link_up()
+    p.link_up()         # link_down/link_up return once the kernel shows the state
     assert p.link_state("b") in ("UP", "UNKNOWN")
+    assert p.wait_link_state("a", "UP", "UNKNOWN", timeout=0) == p.link_state("a")
+    with pytest.raises(TimeoutError, match="not DOWN"):
+        p.wait_link_state("b", "DOWN", timeout=0.1)
+    with pytest.raises(ValueError, match="states"):
+        p.wait_link_state("b")
 
 
 @needs_netns

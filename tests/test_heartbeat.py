@@ -327,8 +327,12 @@ def test_killed_peer_process(engine: HeartbeatEngine, peer_process: HeartbeatPee
     t0 = time.monotonic()
     peer_process.proc.kill()
     deaths = run_until(engine, 2.0, bool)
-    assert len(deaths) == 1 and deaths[0].verdict.status is Status.PEER_CLOSED
-    assert time.monotonic() - t0 < 0.3 + 0.5     # the kernel's FIN, or the timeout
+    # The dead process's kernel closes its socket: a FIN, or an RST when our
+    # next PING had arrived unread (close with unread data); that window is
+    # wider on a slow CPU (seen in a TCG machine, scripts/arm_kernels.sh).
+    assert len(deaths) == 1
+    assert deaths[0].verdict.status in (Status.PEER_CLOSED, Status.RESET), deaths[0]
+    assert time.monotonic() - t0 < 0.3 + 0.5     # the kernel's FIN/RST, or the timeout
 
 
 @pytest.mark.slow
@@ -433,7 +437,8 @@ def test_bad_frames_kill_only_their_connection(engine: HeartbeatEngine,
             srv.close()
 
 
-@pytest.mark.no_qemu("a Python thread answers 1,000 PINGs/s: too slow emulated")
+@pytest.mark.timed("a Python thread answers 1,000 PINGs/s within 0.3 s intervals: "
+                  "too slow on an emulated CPU")
 def test_many_connections_one_dies(listener: socket.socket) -> None:
     n = 300
     eng = HeartbeatEngine(tick=0.01, capacity=16)          # grows in add()

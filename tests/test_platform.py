@@ -20,6 +20,21 @@ def test_the_two_signals_agree():
     by_tcp_info = 0 < _platform.tcp_info_length() <= 8
     assert by_exe == by_tcp_info, _platform.describe()
     assert _platform.under_qemu() == by_exe
+    if _platform.tcg_vm():
+        # a full-system machine runs its own kernel: the whole record
+        assert not _platform.under_qemu() and not _platform.tcp_info_truncated()
+        assert _platform.emulated_cpu()
+
+
+def test_tcg_vm_is_the_runners_variable(monkeypatch):
+    monkeypatch.setenv(_platform.TCG_VM_ENV, "qemu-system TCG (test)")
+    assert _platform.tcg_vm() == "qemu-system TCG (test)"
+    assert _platform.emulated_cpu()
+    if not _platform.under_qemu():
+        assert "qemu-system TCG (test)" in _platform.describe()
+    monkeypatch.setenv(_platform.TCG_VM_ENV, "")
+    assert _platform.tcg_vm() is None
+    assert _platform.emulated_cpu() == _platform.under_qemu()
 
 
 def test_tcp_info_length_is_what_the_decoder_sees(loopback_pair):
@@ -36,8 +51,8 @@ def test_tcp_info_length_is_what_the_decoder_sees(loopback_pair):
 
 def test_emulator_is_a_qemu_binary_when_under_qemu():
     exe = _platform.emulator()
-    if exe is None:
-        assert "native" in _platform.describe()
+    if exe is None:     # native, or a full-system VM (its own kernel)
+        assert ("native" in _platform.describe()) == (_platform.tcg_vm() is None)
     else:
         assert "qemu" in exe or "binfmt" in exe
         assert platform.machine() in ("aarch64", "armv7l", "armv8l")
@@ -66,6 +81,11 @@ def test_marker_runs_only_where_fields_exist(loopback_pair):
 @pytest.mark.no_qemu("checks the no_qemu marker itself")
 def test_no_qemu_marker_skips_under_qemu():
     assert not _platform.under_qemu()
+
+
+@pytest.mark.timed("checks the timed marker itself")
+def test_timed_marker_skips_on_an_emulated_cpu():
+    assert not _platform.emulated_cpu()
 
 
 def test_unconnected_socket_has_a_record():

@@ -2,6 +2,7 @@
 independent struct.unpack of the same bytes; short records give None."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -148,6 +149,11 @@ def test_decode_agrees_with_ss(busy_pair):
     ss = _ss_fields(port, dport)
     after = fastlive.tcp_info(cli)
     assert ss["state_ok"], "ss did not list the connection as established"
+    if "rtt" not in ss and not os.path.isdir("/sys/module/tcp_diag"):
+        # ss asks sock_diag (netlink); without the tcp_diag module it lists
+        # /proc/net/tcp instead, which has no TCP_INFO fields
+        pytest.skip("ss printed no TCP_INFO: the kernel's tcp_diag module is not loaded "
+                    "(modprobe tcp_diag), so ss read /proc/net/tcp")
     assert before.state is TcpState.ESTABLISHED
     # the connection is quiet: these do not move between the two snapshots
     assert before.bytes_acked == after.bytes_acked == ss["bytes_acked"]

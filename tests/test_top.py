@@ -159,6 +159,20 @@ def test_census_command_table_and_json(close_wait: Pairs) -> None:
     assert bad.returncode == 2 and "states" in bad.stderr
 
 
+def _wait_subscribed(pid: int, timeout: float) -> None:
+    """Until process ``pid`` holds a sock_diag netlink socket (protocol 4)
+    joined to a multicast group (/proc/net/netlink: Eth, Pid, Groups), or
+    ``timeout`` s: its start takes seconds on an emulated CPU."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/netlink") as f:
+            rows = [ln.split() for ln in f.readlines()[1:]]
+        if any(r[1] == "4" and r[2] == str(pid) and int(r[3], 16) for r in rows if len(r) > 3):
+            time.sleep(0.1)
+            return
+        time.sleep(0.05)
+
+
 def test_census_follow_command_prints_deaths() -> None:
     lst = socket.create_server(("127.0.0.1", 0))
     port = lst.getsockname()[1]
@@ -166,7 +180,7 @@ def test_census_follow_command_prints_deaths() -> None:
                              "--duration", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=_env())
     try:
-        time.sleep(1.0)                       # let it subscribe
+        _wait_subscribed(proc.pid, 60.0)      # let it subscribe
         c = socket.create_connection(lst.getsockname(), timeout=5)
         s, _ = lst.accept()
         c.sendall(b"z" * 3000)

@@ -151,7 +151,8 @@ class _Peer:
         c.sock = None
 
     def readable(self, c: _Conn) -> None:
-        assert c.sock is not None
+        if c.sock is None:      # dropped by a command earlier in the same select batch
+            return
         try:
             data = c.sock.recv(65536, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):

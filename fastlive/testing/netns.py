@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Dict, Iterator, List, Optional
 
 from ._spawn import ip_command as _ip
@@ -271,6 +272,8 @@ class NetnsPair:
             self._ipn(ns, "link", "set", "lo", "up")
             self._ipn(ns, "addr", "add", f"{addr}/24", "dev", dev)
             self._ipn(ns, "link", "set", dev, "up")
+        for side in ("a", "b"):
+            self.wait_link_state(side, "UP", "UNKNOWN")
         self.mac_a = self._mac(self.ns_a, self.dev_a)
         self.mac_b = self._mac(self.ns_b, self.dev_b)
         self.peer = PeerProcess(listen=(self.addr_b, 0), netns=self.ns_b,
@@ -335,11 +338,15 @@ class NetnsPair:
         (and its local "host unreachable") gives the death away."""
         self._pin_neighbour()
         self._ipn(self.ns_b, "link", "set", self.dev_b, "down")
+        self.wait_link_state("b", "DOWN")
+        self.wait_link_state("a", "LOWERLAYERDOWN", "DOWN")
         self.faults.append("link_down")
 
     def link_up(self) -> None:
-        """Undo :meth:`link_down`."""
+        """Undo :meth:`link_down` (returns once both ends are up again)."""
         self._ipn(self.ns_b, "link", "set", self.dev_b, "up")
+        for side in ("b", "a"):
+            self.wait_link_state(side, "UP", "UNKNOWN")
         self.faults.append("link_up")
 
     def blackhole(self) -> None:
@@ -386,6 +393,28 @@ class NetnsPair:
         """operstate of a veth end ('UP', 'DOWN', 'LOWERLAYERDOWN')."""
         ns, dev = (self.ns_a, self.dev_a) if side == "a" else (self.ns_b, self.dev_b)
         return str(json.loads(self._ipn(ns, "-j", "link", "show", dev))[0]["operstate"])
+
+    def wait_link_state(self, side: str, *states: str, timeout: Optional[float] = None) -> str:
+        """Wait until a veth end's operstate is one of ``states``; return it.
+
+        ``ip link set up/down`` returns before the operstate changes: the
+        kernel applies carrier and operstate changes from its linkwatch
+        work, which may run up to a second later (Debian 12's Linux 6.1
+        still shows DOWN 0.3 s after "up", UP at 0.6 s; 6.18 shows it at
+        once).  Polls every 20 ms; TimeoutError naming the last state after
+        ``timeout`` seconds (default: the pair's ``timeout``)."""
+        if not states:
+            raise ValueError("states: name at least one operstate")
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            state = self.link_state(side)
+            if state in states:
+                return state
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"veth end {side!r} is {state}, not {'/'.join(states)}, "
+                                   f"after {limit:g} s")
+            time.sleep(0.02)
 
     def addresses(self, side: str = "b") -> List[str]:
         """IPv4 addresses on a veth end."""

@@ -38,6 +38,9 @@ from ._spawn import proc_state, spawn
 __all__ = ["PeerError", "PeerProcess", "loopback_peer", "ManyPeers", "close_all",
            "HeartbeatPeerProcess", "Address"]
 
+#: The least time a helper gets to start and say "ready" (seconds).
+_START_WAIT = 60.0
+
 Address = Tuple[str, int]
 
 
@@ -111,7 +114,10 @@ class PeerProcess:
         for s in socks:       # the helper is now the only owner
             s.close()
         try:
-            ready = self._reply(timeout)
+            # a Python start: seconds on an emulated CPU under load (seen
+            # above 10 s in a TCG machine); a longer wait only when slow
+            start = self.timeout if timeout is None else timeout
+            ready = self._reply(max(start, _START_WAIT))
             words = ready.split()
             if words[:1] != ["ready"]:
                 raise PeerError(f"helper failed to start: {ready}")
