@@ -66,7 +66,8 @@ def make_ffi(absolute: bool = False) -> FFI:
         define_macros=[("_GNU_SOURCE", "1"),
                        ("FL_VERSION", f'"{_version()}"')],
         extra_compile_args=cflags,
-        extra_link_args=extra.split() if extra and "-fsanitize" in extra else [],
+        extra_link_args=((extra.split() if extra and "-fsanitize" in extra else [])
+                         + os.environ.get("FASTLIVE_LDFLAGS", "").split()),
         py_limited_api=True,
     )
     return ffi

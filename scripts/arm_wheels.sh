@@ -221,7 +221,13 @@ for a in $archs; do
     # CFLAGS' -I comes before the host Python's include dir on the command
     # line: the target's Python.h/pyconfig.h win.  _PYTHON_HOST_PLATFORM
     # names the wheel's platform.
+    # The cross gcc links against the host's own cross glibc (Debian 12's),
+    # where pthread_create is GLIBC_2.34: name Debian 11's libpthread first,
+    # so the heartbeat engine's thread binds to pthread_create@GLIBC_2.17
+    # (armhf: 2.4) and the wheel stays manylinux_2_17.
+    # (build_ffi.py puts FASTLIVE_LDFLAGS after the objects.)
     (cd "$src" && CC="$cc" LDSHARED="$cc -shared" CFLAGS="-I$pyinc" LDFLAGS="" \
+        FASTLIVE_LDFLAGS="-Wl,--no-as-needed $root/lib/$triplet/libpthread.so.0" \
         _PYTHON_HOST_PLATFORM=$plat \
         python3 -m pip wheel -q --no-build-isolation --no-deps -w "$work/raw-$a" . ) ||
         die "cross build for $plat failed"

@@ -79,3 +79,12 @@ def pytest_collection_modifyitems(config, items):
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
             break
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def kind(request):
+    """The aio tests run on both loops: asyncio's default and uvloop (skips
+    with the reason where uvloop is not installed)."""
+    from _aio_util import loop_factory
+    loop_factory(request.param)
+    return str(request.param)

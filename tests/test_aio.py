@@ -12,9 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Coroutine, List, Tuple
+from typing import Any, Coroutine, List, Tuple
 
 import pytest
+from _aio_util import run_on
 
 import fastlive.aio as aio
 from fastlive import Method, Status
@@ -24,11 +25,6 @@ NETNS = netns_unavailable()
 BOUND = 60.0       # generous: the 2-core CI machine is shared
 
 
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
-
-
 class Runner:
     """Runs a coroutine on a fresh loop of one kind and checks afterwards
     that nothing was reported to the loop's exception handler (no "Task
@@ -36,24 +32,10 @@ class Runner:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.factory = _uvloop_factory() if kind == "uvloop" else asyncio.new_event_loop
         self.errors: List[dict] = []
 
     def __call__(self, coro: Coroutine[Any, Any, Any], timeout: float = BOUND) -> Any:
-        loop = self.factory()
-        loop.set_exception_handler(lambda _l, ctx: self.errors.append(ctx))
-        try:
-            return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-        finally:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in pending:
-                t.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            loop.run_until_complete(loop.shutdown_default_executor())
-            loop.close()
-            assert not self.errors, self.errors
-
+        return run_on(self.kind, coro, timeout, self.errors)
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def run(request: pytest.FixtureRequest) -> Runner:

@@ -13,9 +13,10 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, List
+from typing import Any, Coroutine, List
 
 import pytest
+from _aio_util import run_on
 
 import fastlive.aio as aio
 from fastlive import Method, Status
@@ -26,34 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BOUND = 60.0
 
 
-def _factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
-    return asyncio.new_event_loop
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def kind(request: pytest.FixtureRequest) -> str:
-    _factory(request.param)
-    return str(request.param)
-
-
 def run(kind: str, coro: Coroutine[Any, Any, Any]) -> Any:
-    loop = _factory(kind)()
-    errors: List[Any] = []
-    loop.set_exception_handler(lambda _l, ctx: errors.append(ctx))
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coro, BOUND))
-    finally:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
-        assert not errors, errors
+    return run_on(kind, coro, BOUND, [])
 
 
 def listener() -> socket.socket:

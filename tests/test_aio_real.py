@@ -16,9 +16,10 @@ import shutil
 import socket
 import subprocess
 import time
-from typing import Any, Callable, Coroutine, List
+from typing import Any, Coroutine, List
 
 import pytest
+from _aio_util import run_on
 
 import fastlive.aio as aio
 from fastlive import Status
@@ -32,31 +33,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.no_qemu("network namespaces and real
               pytest.mark.skipif(NETNS is not None, reason=f"netns: {NETNS}")]
 
 
-def _factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop]:
-    if kind == "uvloop":
-        uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed (pip install uvloop)")
-        return uvloop.new_event_loop  # type: ignore[no-any-return]
-    return asyncio.new_event_loop
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def kind(request: pytest.FixtureRequest) -> str:
-    _factory(request.param)
-    return str(request.param)
-
-
 def run(kind: str, coro: Coroutine[Any, Any, Any], timeout: float = 120.0) -> Any:
-    loop = _factory(kind)()
-    try:
-        return loop.run_until_complete(asyncio.wait_for(coro, timeout))
-    finally:
-        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
+    return run_on(kind, coro, timeout)
 
 
 def _restore_address(pair: NetnsPair) -> None:

@@ -33,23 +33,10 @@ from typing import Any, Deque, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from ..census import WHY, Census, CensusEntry, census, why_names
 from ..tcpstate import TcpState
+from .census import _num
 
 __all__ = ["add_arguments", "run", "Suspect", "Snapshot", "analyze", "reasons",
            "owners", "sparkline", "History", "render_plain"]
-
-def _f(info: Any, name: str) -> Optional[int]:
-    """A TcpInfo field (None when the kernel did not return it)."""
-    v = getattr(info, name)
-    return None if v is None else int(v)
-
-
-def _num(info: Any, name: str, scale: int = 1, fmt: str = "{}") -> str:
-    """A TcpInfo field formatted ("-" when absent); divided by scale when > 1."""
-    v = None if info is None else _f(info, name)
-    if v is None:
-        return "-"
-    return fmt.format(v / scale if scale != 1 else v)
-
 
 SPARKS = "▁▂▃▄▅▆▇█"
 REASONS = tuple(WHY.values())
