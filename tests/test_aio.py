@@ -15,7 +15,7 @@ import time
 from typing import Any, Coroutine, List, Tuple
 
 import pytest
-from _aio_util import run_on
+from _aio_util import loop_factory, run_on
 
 import fastlive.aio as aio
 from fastlive import Method, Status
@@ -32,6 +32,7 @@ class Runner:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.factory = loop_factory(kind)
         self.errors: List[dict] = []
 
     def __call__(self, coro: Coroutine[Any, Any, Any], timeout: float = BOUND) -> Any:
