@@ -88,3 +88,11 @@ def kind(request):
     from _aio_util import loop_factory
     loop_factory(request.param)
     return str(request.param)
+
+
+@pytest.fixture
+def listener():
+    """A listening loopback TCP socket (backlog 512), closed after the test."""
+    import socket
+    with socket.create_server(("127.0.0.1", 0), backlog=512) as lst:
+        yield lst

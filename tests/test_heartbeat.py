@@ -38,12 +38,6 @@ def pair(lst: socket.socket) -> Tuple[socket.socket, socket.socket]:
 
 
 @pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.create_server(("127.0.0.1", 0), backlog=512) as lst:
-        yield lst
-
-
-@pytest.fixture
 def engine() -> Iterator[HeartbeatEngine]:
     eng = HeartbeatEngine(tick=0.005)
     try:

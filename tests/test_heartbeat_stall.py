@@ -29,12 +29,6 @@ SLACK = 0.05
 
 
 @pytest.fixture
-def listener() -> Iterator[socket.socket]:
-    with socket.create_server(("127.0.0.1", 0), backlog=512) as lst:
-        yield lst
-
-
-@pytest.fixture
 def engine() -> Iterator[HeartbeatEngine]:
     eng = HeartbeatEngine(tick=TICK)
     try:
