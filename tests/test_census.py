@@ -29,6 +29,8 @@ from fastlive import TcpInfo, TcpState
 from fastlive._lib import ffi, lib
 from fastlive.census import Census, parse_states
 
+from _scale import scaled
+
 Pair = Tuple[socket.socket, socket.socket]
 
 
@@ -397,13 +399,13 @@ def _check_parse(data: bytes) -> None:
         e.as_dict()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=2048))
 def test_fuzz_parser_arbitrary_bytes(data: bytes) -> None:
     _check_parse(data)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(_corpus()), st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)),
                                             max_size=12), st.integers(0, 4096))
 def test_fuzz_parser_mutated_messages(base: bytes, flips: List[Tuple[int, int]], cut: int) -> None:
