@@ -88,6 +88,12 @@ def test_cell_physics(matrix, method, failure, busy):
         # on arm64 under TCG)
         statuses.add("RESET")
         errnos = errnos | {errno.ECONNRESET}
+        # or the FIN came and then, before the engine read it, the RST our
+        # PING drew from the closed socket (its own PING; in the busy cell
+        # the demo's data): recv() gives the EOF (the FIN was seen) but the
+        # state is already CLOSE, and the state rule says CLOSED, errno 0
+        # (seen natively on a loaded 2-core machine)
+        statuses.add("CLOSED")
     assert c.detected, c
     assert c.status in statuses and c.errno in errnos, c
     if _platform.emulated_cpu():
