@@ -417,10 +417,10 @@ def test_fuzz_parser_mutated_messages(base: bytes, flips: List[Tuple[int, int]],
 
 def test_fuzz_parser_length_fields() -> None:
     """A libFuzzer-style loop aimed at every length field: nlmsg_len and
-    rta_len set to every boundary value."""
+    rta_len set to every boundary value (3,000 rounds; 450 emulated)."""
     rng = random.Random(13)
     base = _corpus()[1]
-    for _ in range(3000):
+    for _ in range(scaled(3000)):
         data = bytearray(base)
         at = rng.randrange(0, len(data) - 4)
         val = rng.choice([0, 1, 3, 4, 15, 16, 17, 88, 91, 92, 0xFFFF, 0xFFFFFFFF,
