@@ -395,7 +395,12 @@ def test_bad_frames_kill_only_their_connection(engine: HeartbeatEngine,
             d = by_fd.pop(pairs[name][0].fileno())
             assert d.verdict.status is Status.ERROR and d.verdict.errno == err, name
         assert by_fd == {}
-        assert split.recv(16, socket.MSG_DONTWAIT) == hb.encode(FrameType.PONG, 9)
+        # the PONG to the split PING; the engine's own PINGs (interval 0.1 s)
+        # may come first when sending the split frame took that long
+        got = split.recv(64, socket.MSG_DONTWAIT)
+        frames = [got[i:i + 5] for i in range(0, len(got), 5)]
+        assert hb.encode(FrameType.PONG, 9) in frames, got
+        assert all(f == hb.encode(FrameType.PONG, 9) or f[:2] == b"\xfb\x11" for f in frames), got
         peer.add(split)
         # the healthy ones go on
         assert run_until(engine, 0.5) == []
