@@ -400,6 +400,17 @@ import platform, socket, statistics, threading, time
 def line(what, value):
     print(f"fastlive-vm fact: {what}: {value}", flush=True)
 line("kernel", f"Linux {platform.release()} {platform.machine()}")
+def startup(*code):
+    import subprocess, sys
+    best = []
+    for _ in range(3):
+        t = time.monotonic()
+        subprocess.run([sys.executable, *code], check=False)
+        best.append(time.monotonic() - t)
+    return f"{min(best):.2f} s (best of 3)"
+line("python3 -c pass", startup("-c", "pass"))
+line("python3 -c 'import fastlive'", startup("-c", "import fastlive"))
+line("python3 -m fastlive --help", startup("-m", "fastlive", "--help"))
 try:
     from fastlive import _platform, tcp_info
     from fastlive.keepalive import read_sysctl_defaults, retransmit_timeout
