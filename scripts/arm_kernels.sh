@@ -405,7 +405,7 @@ def startup(*code):
     best = []
     for _ in range(3):
         t = time.monotonic()
-        subprocess.run([sys.executable, *code], check=False)
+        subprocess.run([sys.executable, *code], check=False, stdout=subprocess.DEVNULL)
         best.append(time.monotonic() - t)
     return f"{min(best):.2f} s (best of 3)"
 line("python3 -c pass", startup("-c", "pass"))
