@@ -143,14 +143,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bound", type=int, action="append", help="seconds (repeatable)")
     ap.add_argument("--plan", choices=["old", "new", "monitor"], action="append")
     ap.add_argument("--watch", type=float, help="seconds to watch (default 2 x bound + 3)")
+    ap.add_argument("--floor", type=float, help="fastlive.keepalive.SPREAD_FLOOR for --plan new")
     ap.add_argument("--quick", action="store_true", help="N=200, bound 3, 4 s: proves it runs")
     a = ap.parse_args(argv)
     ns = a.n or ([200] if a.quick else [2000, 5000, 10000])
     bounds = a.bound or ([3] if a.quick else [5, 10, 30])
     plans = a.plan or ["old", "new"]
+    if a.floor is not None:
+        fastlive.keepalive.SPREAD_FLOOR = a.floor
     watch = 4.0 if a.quick and a.watch is None else a.watch
     print(f"netdev_max_backlog={open('/proc/sys/net/core/netdev_max_backlog').read().strip()} "
-          f"cpus={os.cpu_count()}")
+          f"cpus={os.cpu_count()} spread_floor={fastlive.keepalive.SPREAD_FLOOR} "
+          f"spread_block={fastlive.keepalive.SPREAD_BLOCK}")
     print(f"{'plan':8} {'N':>6} {'bound':>5} {'false deaths':>12} {'other':>5} {'softnet drops':>13} "
           f"{'arm s':>6} {'1st death s':>11} {'idles':>5}")
     for bound in bounds:

@@ -36,7 +36,7 @@ __all__ = [
     "DEFAULT_IDLE", "DEFAULT_INTERVAL", "DEFAULT_COUNT", "DEFAULT_RETRIES2", "BUSY_SLACK",
     "KeepaliveSettings", "get_keepalive", "set_keepalive", "retransmit_timeout", "detection_time",
     "read_sysctl_defaults", "SYSCTL_DIR", "Bound", "plan_within", "detect_within",
-    "SPREAD_MAX", "SPREAD_BLOCK", "BACKLOG_SHARE", "NETDEV_MAX_BACKLOG", "spread_count",
+    "SPREAD_MAX", "SPREAD_FLOOR", "SPREAD_BLOCK", "BACKLOG_SHARE", "NETDEV_MAX_BACKLOG", "spread_count",
     "plan_next", "ArmingStats", "arming_stats", "KeepaliveBurstWarning",
 ]
 
@@ -188,13 +188,16 @@ def _bound(value: object) -> float:
 
 
 #: How many whole-second idle values :func:`plan_within` spreads a burst of
-#: armings over, at most (the lowest is half the plan's idle).
+#: armings over, at most.
 SPREAD_MAX = 16
+#: The lowest idle of the spread, as a share of the plan's idle (rounded up,
+#: >= 1 s): lower idles mean more probes on a healthy idle connection.
+SPREAD_FLOOR = 0.5
 #: Sockets per slot before a burst moves on to the next idle value.
 SPREAD_BLOCK = 128
 #: Fraction of ``net.core.netdev_max_backlog`` one timer tick may bring as
 #: keepalive probes before the burst counts as overloaded (measured: see
-#: docs/arm.md, "Thousands of connections at once").
+#: docs/keepalive.md, "Thousands of connections armed at once").
 BACKLOG_SHARE = 0.5
 #: Where the kernel's per-CPU input backlog limit lives.
 NETDEV_MAX_BACKLOG = "/proc/sys/net/core/netdev_max_backlog"
@@ -210,9 +213,10 @@ def _base(whole: int) -> Tuple[int, int, int, float]:
 def spread_count(seconds: float) -> int:
     """How many different plans :func:`plan_within` has for this bound (its
     ``slot`` wraps around at this count): one per whole second of idle from
-    the plan's idle down to half of it, at most :data:`SPREAD_MAX`."""
+    the plan's idle down to :data:`SPREAD_FLOOR` of it, at most
+    :data:`SPREAD_MAX`."""
     idle = _base(int(min(_bound(seconds), 32767)))[0]
-    return min(SPREAD_MAX, idle - (idle + 1) // 2 + 1)
+    return min(SPREAD_MAX, idle - max(1, math.ceil(idle * SPREAD_FLOOR)) + 1)
 
 
 def plan_within(seconds: float, slot: int = 0) -> KeepaliveSettings:
