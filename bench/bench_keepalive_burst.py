@@ -4,7 +4,8 @@
 For each N (connections) and bound B (seconds), one run:
 
   1. a helper process opens N loopback connections to this process and
-     holds them, alive and silent (it never reads or writes);
+     holds them, alive and silent (it never reads or writes); then nothing
+     is sent for ``--quiet`` seconds (default 1);
   2. this process arms all N accepted sockets at once, back to back, with
      ``--plan old`` (the pre-fix plan: every socket the same
      idle/interval/count/user timeout) or ``--plan new`` (fastlive.detect_within,
@@ -74,7 +75,7 @@ def old_plan(bound: int) -> fastlive.KeepaliveSettings:
     return fastlive.KeepaliveSettings(True, idle, interval, count, max(0.5, whole - BUSY_SLACK))
 
 
-def run(n: int, bound: int, plan: str, watch: Optional[float]) -> Dict[str, float]:
+def run(n: int, bound: int, plan: str, watch: Optional[float], quiet: float) -> Dict[str, float]:
     lst = socket.socket()
     lst.bind(("127.0.0.1", 0))
     lst.listen(4096)
@@ -92,7 +93,7 @@ def run(n: int, bound: int, plan: str, watch: Optional[float]) -> Dict[str, floa
         made = int(helper.stdout.readline())
         if made != n:
             raise RuntimeError(f"helper made {made} of {n} connections")
-        time.sleep(1.0)                                    # quiet: every connection idle
+        time.sleep(quiet)                                  # every connection idle this long
         d0 = softnet_drops()
         t0 = time.monotonic()
         if plan == "old":
@@ -143,6 +144,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--bound", type=int, action="append", help="seconds (repeatable)")
     ap.add_argument("--plan", choices=["old", "new", "monitor"], action="append")
     ap.add_argument("--watch", type=float, help="seconds to watch (default 2 x bound + 3)")
+    ap.add_argument("--quiet", type=float, default=1.0,
+                    help="seconds the connections are idle before the arming (default 1)")
     ap.add_argument("--floor", type=float, help="fastlive.keepalive.SPREAD_FLOOR for --plan new")
     ap.add_argument("--quick", action="store_true", help="N=200, bound 3, 4 s: proves it runs")
     a = ap.parse_args(argv)
@@ -154,13 +157,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     watch = 4.0 if a.quick and a.watch is None else a.watch
     print(f"netdev_max_backlog={open('/proc/sys/net/core/netdev_max_backlog').read().strip()} "
           f"cpus={os.cpu_count()} spread_floor={fastlive.keepalive.SPREAD_FLOOR} "
-          f"spread_block={fastlive.keepalive.SPREAD_BLOCK}")
+          f"spread_block={fastlive.keepalive.SPREAD_BLOCK} quiet={a.quiet}s")
     print(f"{'plan':8} {'N':>6} {'bound':>5} {'false deaths':>12} {'other':>5} {'softnet drops':>13} "
           f"{'arm s':>6} {'1st death s':>11} {'idles':>5}")
     for bound in bounds:
         for n in ns:
             for plan in plans:
-                r = run(n, bound, plan, watch)
+                r = run(n, bound, plan, watch, a.quiet)
                 print(f"{plan:8} {n:6d} {bound:5d} {int(r['false']):12d} {int(r['other']):5d} "
                       f"{int(r['drops']):13d} {r['arm_s']:6.2f} {r['first_s']:11.2f} {int(r['idles']):5d}",
                       flush=True)

@@ -23,6 +23,7 @@ of 8.5 s (busy, by 8.5 + 1.5 = 10 s).
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -240,8 +241,14 @@ def plan_within(seconds: float, slot: int = 0) -> KeepaliveSettings:
     bound = _bound(seconds)
     s = count("slot", slot, 0, 2**63 - 1)
     whole = int(min(bound, 32767))
+    return _plan(whole, s % spread_count(bound), SPREAD_FLOOR, SPREAD_MAX)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(whole: int, s: int, _floor: float, _max: int) -> KeepaliveSettings:
+    """plan_within for a whole bound and a slot < spread_count (cached: the
+    spread constants are part of the key)."""
     idle0, interval0, cnt0, ut = _base(whole)
-    s %= spread_count(bound)
     if s == 0:
         return KeepaliveSettings(True, idle0, interval0, cnt0, ut)
     idle = idle0 - s
@@ -367,6 +374,14 @@ def detect_within(sock: SocketLike, seconds: float) -> Bound:
     _bound(seconds)                   # validates before touching the socket
     fd = fd_of(sock)
     plan = plan_next(seconds)
+    # SO_KEEPALIVE first, then the times: turning keepalive on arms the timer
+    # at now + idle (tcp_set_keepalive), which would line up every socket
+    # armed in this burst; TCP_KEEPIDLE with keepalive on re-arms it at
+    # last segment received + idle (tcp_sock_set_keepidle_locked), or at
+    # once when the connection has been idle longer: each connection keeps
+    # its own phase, and a long-idle one is probed now, so its full probe
+    # budget starts from the answer.
+    check_rc(lib.fl_set_keepalive(fd, 1, -1, -1, -1, 0, 0))
     got = set_keepalive(fd, True, idle=plan.idle, interval=plan.interval,
                         count=plan.count, user_timeout=plan.user_timeout)
     bound = max(detection_time(got), detection_time(got, busy=True))
