@@ -20,6 +20,15 @@ the user timeout only when a retransmission timer fires, so a busy
 connection's ETIMEDOUT comes up to that much after it: ``detect_within(sock,
 10)`` sets keepalive 7/1/3 (idle, after 7 + 3 x 1 = 10 s) and a user timeout
 of 8.5 s (busy, by 8.5 + 1.5 = 10 s).
+
+Thousands of sockets armed at once would all probe in one timer tick, and
+on loopback/veth whatever exceeds ``net.core.netdev_max_backlog`` is
+dropped: live peers time out.  :func:`plan_next` (behind every ``within``)
+spreads a burst over :func:`spread_count` idle times, all within the bound,
+and :func:`detect_within` arms each timer from the connection's last
+received segment; past what that can carry, :class:`KeepaliveBurstWarning`
+and :func:`arming_stats` say so (docs/batch.md, "Thousands of connections
+armed at once").
 """
 from __future__ import annotations
 
