@@ -147,6 +147,8 @@ def test_an_oversized_burst_warns_and_counts_once_per_window():
     k = spread_count(5)
     backlog = arming_stats().backlog
     safe = k * int(backlog * fastlive.keepalive.BACKLOG_SHARE)
+    if safe > 15000:
+        pytest.skip(f"netdev_max_backlog {backlog}: the safe load ({safe}) needs too many fds here")
     socks = [socket.socket() for _ in range(safe + 10)]
     try:
         _new_window()
