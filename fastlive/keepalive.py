@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 import time
 import warnings
@@ -329,6 +330,8 @@ class _Arming:
 
 
 _ARMING = _Arming()
+if hasattr(os, "register_at_fork"):     # a child must not inherit a lock held by another thread
+    os.register_at_fork(after_in_child=lambda: setattr(_ARMING, "lock", threading.Lock()))
 
 
 class KeepaliveBurstWarning(RuntimeWarning):
