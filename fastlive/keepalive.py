@@ -203,7 +203,7 @@ def _bound(value: object) -> float:
 SPREAD_MAX = 16
 #: The lowest idle of the spread, as a share of the plan's idle (rounded up,
 #: >= 1 s): lower idles mean more probes on a healthy idle connection.
-SPREAD_FLOOR = 0.5
+SPREAD_FLOOR = 0.25
 #: Sockets per slot before a burst moves on to the next idle value.
 SPREAD_BLOCK = 128
 #: Fraction of ``net.core.netdev_max_backlog`` one timer tick may bring as

@@ -48,7 +48,7 @@ def test_slots_are_distinct_whole_seconds_of_idle(seconds):
     assert plans[0] == plan_within(seconds)               # slot 0 is the documented plan
     idles = [p.idle for p in plans]
     assert idles == list(range(idles[0], idles[0] - k, -1))    # one second apart, no repeats
-    assert min(idles) >= (idles[0] + 1) // 2
+    assert min(idles) >= max(1, math.ceil(idles[0] * fastlive.keepalive.SPREAD_FLOOR))
     assert all(p.user_timeout == plans[0].user_timeout for p in plans)
     if seconds >= 5:
         assert k >= 2
