@@ -244,7 +244,7 @@ def test_burst_of_idle_connections_has_no_false_deaths():
         helper.wait(30)
 
 
-def test_math_isclose_guard():
+def test_every_slot_reports_the_same_whole_bound():
     # the bound reported is whole seconds for every slot (no float drift)
     for slot in range(spread_count(10)):
         assert math.isclose(worst(plan_within(10, slot)), 10.0)
