@@ -20,9 +20,9 @@ from typing import Callable, Dict
 
 from ._lib import SocketLike
 from ._version import __version__
-from .keepalive import (Bound, KeepaliveSettings, detect_within, detection_time,
-                        get_keepalive, plan_within, retransmit_timeout,
-                        set_keepalive)
+from .keepalive import (ArmingStats, Bound, KeepaliveBurstWarning, KeepaliveSettings,
+                        arming_stats, detect_within, detection_time, get_keepalive,
+                        plan_next, plan_within, retransmit_timeout, set_keepalive)
 from .readiness import FD_SETSIZE, check_poll, check_select
 from .rw import SendResult, check_peek, check_so_error, send
 from .tcpinfo import TCP_INFO_SIZE, TcpInfo, check_tcp_info, tcp_info
@@ -68,6 +68,7 @@ __all__ = [
     "tcp_info", "TcpInfo", "check_tcp_info", "TCP_INFO_SIZE",
     "KeepaliveSettings", "Bound", "get_keepalive", "set_keepalive",
     "detection_time", "detect_within", "plan_within", "retransmit_timeout",
+    "plan_next", "arming_stats", "ArmingStats", "KeepaliveBurstWarning",
     "set_timeouts", "get_timeouts", "check_rcvtimeo",
     "Batch", "Dead", "TcpInfoRecords", "Monitor", "Death",
     "HeartbeatEngine", "PyHeartbeatPeer", "HeartbeatDeath", "RttSample",

@@ -20,12 +20,26 @@ the user timeout only when a retransmission timer fires, so a busy
 connection's ETIMEDOUT comes up to that much after it: ``detect_within(sock,
 10)`` sets keepalive 7/1/3 (idle, after 7 + 3 x 1 = 10 s) and a user timeout
 of 8.5 s (busy, by 8.5 + 1.5 = 10 s).
+
+Thousands of sockets armed at once would all probe in one timer tick, and
+on loopback/veth whatever exceeds ``net.core.netdev_max_backlog`` is
+dropped: live peers time out.  :func:`plan_next` (behind every ``within``)
+spreads a burst over :func:`spread_count` idle times, all within the bound,
+and :func:`detect_within` arms each timer from the connection's last
+received segment; past what that can carry, :class:`KeepaliveBurstWarning`
+and :func:`arming_stats` say so (docs/batch.md, "Thousands of connections
+armed at once").
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import threading
+import time
+import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 from ._lib import SocketLike, check_rc, count, fd_of, ffi, lib, seconds, to_units
 
@@ -33,6 +47,8 @@ __all__ = [
     "DEFAULT_IDLE", "DEFAULT_INTERVAL", "DEFAULT_COUNT", "DEFAULT_RETRIES2", "BUSY_SLACK",
     "KeepaliveSettings", "get_keepalive", "set_keepalive", "retransmit_timeout", "detection_time",
     "read_sysctl_defaults", "SYSCTL_DIR", "Bound", "plan_within", "detect_within",
+    "SPREAD_MAX", "SPREAD_FLOOR", "SPREAD_BLOCK", "BACKLOG_SHARE", "NETDEV_MAX_BACKLOG", "spread_count",
+    "plan_next", "ArmingStats", "arming_stats", "KeepaliveBurstWarning",
 ]
 
 #: The kernel's own defaults (net.ipv4.tcp_keepalive_*), in seconds.
@@ -182,20 +198,176 @@ def _bound(value: object) -> float:
     return v
 
 
-def plan_within(seconds: float) -> KeepaliveSettings:
+#: How many whole-second idle values :func:`plan_within` spreads a burst of
+#: armings over, at most.
+SPREAD_MAX = 16
+#: The lowest idle of the spread, as a share of the plan's idle (rounded up,
+#: >= 1 s): lower idles mean more probes on a healthy idle connection.
+SPREAD_FLOOR = 0.25
+#: Sockets per slot before a burst moves on to the next idle value.
+SPREAD_BLOCK = 128
+#: Fraction of ``net.core.netdev_max_backlog`` one timer tick may bring as
+#: keepalive probes before the burst counts as overloaded (measured: see
+#: docs/keepalive.md, "Thousands of connections armed at once").
+BACKLOG_SHARE = 0.5
+#: Where the kernel's per-CPU input backlog limit lives.
+NETDEV_MAX_BACKLOG = "/proc/sys/net/core/netdev_max_backlog"
+_DEFAULT_BACKLOG = 1000
+
+
+def _base(whole: int) -> Tuple[int, int, int, float]:
+    cnt = min(3, whole - 1)
+    interval = max(1, whole // (2 * cnt))
+    return whole - interval * cnt, interval, cnt, max(0.5, whole - BUSY_SLACK)
+
+
+def spread_count(seconds: float) -> int:
+    """How many different plans :func:`plan_within` has for this bound (its
+    ``slot`` wraps around at this count): one per whole second of idle from
+    the plan's idle down to :data:`SPREAD_FLOOR` of it, at most
+    :data:`SPREAD_MAX`."""
+    idle = _base(int(min(_bound(seconds), 32767)))[0]
+    return min(SPREAD_MAX, idle - max(1, math.ceil(idle * SPREAD_FLOOR)) + 1)
+
+
+def plan_within(seconds: float, slot: int = 0) -> KeepaliveSettings:
     """The keepalive/user-timeout settings :func:`detect_within` uses for a
-    bound of ``seconds`` (>= 2): up to 3 probes (one lost probe is not a
-    death), probe interval about a sixth of the bound, the rest idle, and a
-    user timeout :data:`BUSY_SLACK` short of the bound, so a busy connection
-    gets the same bound as an idle one.  (With a user timeout set, the
-    kernel's keepalive stops at the first probe time at or past it.)"""
+    bound of ``seconds`` (>= 2).
+
+    Slot 0 (the default) is the plan: up to 3 probes (one lost probe is not
+    a death), probe interval about a sixth of the bound, the rest idle, and
+    a user timeout :data:`BUSY_SLACK` short of the bound, so a busy
+    connection gets the same bound as an idle one.  (With a user timeout
+    set, the kernel's keepalive stops at the first probe time at or past
+    it.)
+
+    Slot ``s`` (taken modulo :func:`spread_count`) lowers the idle time by
+    ``s`` whole seconds, with the largest interval that still keeps the
+    bound (so more probes fit before the user timeout): the same bound,
+    probes ``s`` seconds earlier.  :func:`detect_within` rotates the slots
+    over a burst of armings so that their first probes do not all fall into
+    one kernel timer-wheel bucket (see :func:`arming_stats`).
+    """
     bound = _bound(seconds)
+    s = count("slot", slot, 0, 2**63 - 1)
     whole = int(min(bound, 32767))
-    count = min(3, whole - 1)
-    interval = max(1, whole // (2 * count))
-    idle = whole - interval * count
-    return KeepaliveSettings(True, idle, interval, count,
-                             max(0.5, whole - BUSY_SLACK))
+    return _plan(whole, s % spread_count(bound), SPREAD_FLOOR, SPREAD_MAX)
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(whole: int, s: int, _floor: float, _max: int) -> KeepaliveSettings:
+    """plan_within for a whole bound and a slot < spread_count (cached: the
+    spread constants are part of the key)."""
+    idle0, interval0, cnt0, ut = _base(whole)
+    if s == 0:
+        return KeepaliveSettings(True, idle0, interval0, cnt0, ut)
+    idle = idle0 - s
+    for interval in range(interval0, 0, -1):
+        probes = max(1, math.ceil((ut - idle) / interval))
+        if idle + interval * probes <= whole:
+            return KeepaliveSettings(True, idle, interval, min(127, probes), ut)
+    raise AssertionError("unreachable: interval 1 always keeps the bound")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class ArmingStats:
+    """What :func:`detect_within` has armed in this process."""
+
+    armed: int       #: sockets armed by detect_within (and Monitor.add / fastlive.aio with within=)
+    overloaded: int  #: of those, armed while a burst exceeded the safe load (see :func:`arming_stats`)
+    backlog: int     #: net.core.netdev_max_backlog as last read
+
+
+class _Arming:
+    """Counts armings per burst window and per plan (keyed by the plan's
+    idle): a burst is the armings of one window of ``max(1 s, idle / 8)``
+    (the kernel's timer wheel groups timers that far apart into one bucket,
+    granularity <= 1/8 of the delay)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.windows: Dict[int, List[float]] = {}     # idle -> [start, n]
+        self.armed = 0
+        self.overloaded = 0
+        self.backlog = 0
+
+    def _read_backlog(self) -> int:
+        try:
+            with open(NETDEV_MAX_BACKLOG) as f:
+                return max(1, int(f.read().split()[0]))
+        except (OSError, ValueError, IndexError):
+            return _DEFAULT_BACKLOG
+
+    def next_slot(self, bound: float) -> Tuple[int, Optional[str]]:
+        """(slot for the next socket armed with this bound, warning text or
+        None)."""
+        whole = int(min(bound, 32767))
+        idle = _base(whole)[0]
+        k = spread_count(bound)
+        now = time.monotonic()
+        with self.lock:
+            w = self.windows.get(idle)
+            if w is None or now - w[0] > max(1.0, idle / 8):
+                if len(self.windows) > 64:
+                    self.windows.clear()
+                w = self.windows[idle] = [now, 0]
+                self.backlog = self._read_backlog()
+            n = int(w[1])
+            w[1] = n + 1
+            self.armed += 1
+            safe = k * max(1, int(self.backlog * BACKLOG_SHARE))
+            if n < safe:
+                return n // SPREAD_BLOCK, None
+            self.overloaded += 1
+            if n != safe:
+                return n // SPREAD_BLOCK, None
+        return n // SPREAD_BLOCK, (
+            f"fastlive: more than {safe} sockets armed with a {whole} s bound within "
+            f"{max(1.0, idle / 8):g} s in this process: their keepalive probes come in bursts "
+            f"that can overflow net.core.netdev_max_backlog ({self.backlog}) on loopback/veth, and "
+            f"dropped probes turn into false ETIMEDOUT deaths.  Arm them over more time, use a "
+            f"longer bound, or raise net.core.netdev_max_backlog (see fastlive.arming_stats())")
+
+
+_ARMING = _Arming()
+if hasattr(os, "register_at_fork"):     # a child must not inherit a lock held by another thread
+    os.register_at_fork(after_in_child=lambda: setattr(_ARMING, "lock", threading.Lock()))
+
+
+class KeepaliveBurstWarning(RuntimeWarning):
+    """More sockets were armed at once than their keepalive probes can
+    safely share the kernel's input backlog with (see :func:`arming_stats`)."""
+
+
+def arming_stats() -> ArmingStats:
+    """How many sockets this process armed with a bound, and how many of
+    them while a burst was over the safe load.
+
+    Keepalive timers armed within one kernel timer-wheel bucket fire in one
+    timer tick; on loopback and veth every probe then goes through the
+    CPU's input backlog, and what exceeds ``net.core.netdev_max_backlog``
+    is dropped (``/proc/net/softnet_stat`` column 2), so peers that are
+    alive miss their probes and time out.  :func:`plan_within` spreads a
+    burst over :func:`spread_count` idle values; the safe load of a burst
+    window is ``spread_count x netdev_max_backlog x`` :data:`BACKLOG_SHARE`
+    sockets.  Past it, ``overloaded`` counts up and a
+    :class:`KeepaliveBurstWarning` is issued once per window."""
+    with _ARMING.lock:
+        return ArmingStats(_ARMING.armed, _ARMING.overloaded,
+                           _ARMING.backlog or _ARMING._read_backlog())
+
+
+def plan_next(seconds: float) -> KeepaliveSettings:
+    """The plan for the next socket this process arms with a bound of
+    ``seconds``: :func:`plan_within` with the slot of this burst of
+    armings.  The one planning call behind :func:`detect_within`,
+    ``Monitor.add(within=)`` and fastlive.aio's ``within=``; issues a
+    :class:`KeepaliveBurstWarning` when a burst is over the safe load."""
+    bound = _bound(seconds)
+    slot, warn = _ARMING.next_slot(bound)
+    if warn is not None:
+        warnings.warn(warn, KeepaliveBurstWarning, stacklevel=3)
+    return plan_within(bound, slot)
 
 
 def detect_within(sock: SocketLike, seconds: float) -> Bound:
@@ -205,9 +377,24 @@ def detect_within(sock: SocketLike, seconds: float) -> Bound:
     connection is idle or has data in flight.  Returns the bound achieved
     (whole seconds, <= ``seconds``), counted from the last segment received
     from the peer (idle) or from the first unacknowledged send (busy).
+
+    Many sockets armed at once get different idle times (:func:`plan_next`,
+    :func:`plan_within` slots), all within the same bound, so that their
+    probes do not all leave in one timer tick; past what that can spread,
+    a :class:`KeepaliveBurstWarning` says so (see :func:`arming_stats`).
     """
-    plan = plan_within(seconds)       # validates before touching the socket
-    got = set_keepalive(sock, True, idle=plan.idle, interval=plan.interval,
+    _bound(seconds)                   # validates before touching the socket
+    fd = fd_of(sock)
+    plan = plan_next(seconds)
+    # SO_KEEPALIVE first, then the times: turning keepalive on arms the timer
+    # at now + idle (tcp_set_keepalive), which would line up every socket
+    # armed in this burst; TCP_KEEPIDLE with keepalive on re-arms it at
+    # last segment received + idle (tcp_sock_set_keepidle_locked), or at
+    # once when the connection has been idle longer: each connection keeps
+    # its own phase, and a long-idle one is probed now, so its full probe
+    # budget starts from the answer.
+    check_rc(lib.fl_set_keepalive(fd, 1, -1, -1, -1, 0, 0))
+    got = set_keepalive(fd, True, idle=plan.idle, interval=plan.interval,
                         count=plan.count, user_timeout=plan.user_timeout)
     bound = max(detection_time(got), detection_time(got, busy=True))
     return Bound(bound, got)

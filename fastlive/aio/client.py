@@ -4,7 +4,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Callable, Sequence
 
-from ..keepalive import plan_within, set_keepalive
+from ..keepalive import plan_next, set_keepalive
 from .target import check_within
 
 __all__ = ["socket_factory"]
@@ -13,7 +13,7 @@ __all__ = ["socket_factory"]
 def socket_factory(within: float) -> Callable[[Sequence[Any]], socket.socket]:
     """A ``socket_factory`` for aiohttp's ``TCPConnector`` (>= 3.12) and
     aiohappyeyeballs: every socket it makes has keepalive and
-    TCP_USER_TIMEOUT armed (:func:`~fastlive.keepalive.plan_within`) before
+    TCP_USER_TIMEOUT armed (:func:`~fastlive.keepalive.plan_next`) before
     it connects, so a silently dead server turns into the driver's own
     connection error (ETIMEDOUT on the socket) within ``within`` seconds,
     idle or busy.  ``addr_info`` is ``(family, type, proto, canonname,
@@ -21,13 +21,13 @@ def socket_factory(within: float) -> Callable[[Sequence[Any]], socket.socket]:
     w = check_within(within)
     if w is None:
         raise TypeError("within must be seconds, got None")
-    plan = plan_within(w)
 
     def make(addr_info: Sequence[Any]) -> socket.socket:
         family, type_, proto = addr_info[0], addr_info[1], addr_info[2]
         s = socket.socket(family, type_, proto)
         try:
             if type_ == socket.SOCK_STREAM and family in (socket.AF_INET, socket.AF_INET6):
+                plan = plan_next(w)
                 set_keepalive(s, idle=plan.idle, interval=plan.interval, count=plan.count,
                               user_timeout=plan.user_timeout)
         except BaseException:
