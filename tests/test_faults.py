@@ -1,5 +1,6 @@
 """fastlive.testing itself: each fault leaves the kernel state it claims, and
 every helper process and namespace is really gone afterwards."""
+import contextlib
 import errno
 import os
 import select
@@ -8,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -479,3 +481,39 @@ def test_netns_fixture_skips_with_the_reason(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "1 skipped" in out.stdout
     assert "netns_pair: pretend: no namespaces here" in out.stdout
+
+
+@needs_netns
+def test_helpers_from_threads_start_in_their_callers_namespace():
+    """setns(2) is per thread and a thread inherits its creator's namespace:
+    the kit's spawner thread, first used from a thread inside a namespace,
+    must not start later helpers there.  Each helper starts where the
+    thread that asked for it is."""
+    from fastlive.testing._spawn import spawn
+
+    def helper_ns(inside: str = "") -> int:
+        out: list = []
+
+        def body() -> None:
+            with contextlib.ExitStack() as stack:
+                if inside:
+                    stack.enter_context(in_netns(inside))
+                proc = spawn("hold", stdin=subprocess.PIPE)
+                try:
+                    out.append(os.stat(f"/proc/{proc.pid}/ns/net").st_ino)
+                finally:
+                    proc.kill()
+                    proc.wait(10)
+        t = threading.Thread(target=body)
+        t.start()
+        t.join(60)
+        assert out, "the helper did not start"
+        return out[0]
+
+    home = netns_inode()
+    with NetnsPair() as p:
+        with in_netns(p.ns_a):
+            a = netns_inode()
+        assert helper_ns(p.ns_a) == a          # first use: the spawner thread is created here
+        assert helper_ns() == home             # a thread outside: outside
+        assert helper_ns(p.ns_a) == a

@@ -70,6 +70,48 @@ def ip_command() -> str:
     return path
 
 
+_CLONE_NEWNET = 0x40000000
+_THREAD_NETNS = "/proc/thread-self/ns/net"
+
+
+def _in_callers_netns(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` wrapped to run in the calling thread's network namespace.
+
+    setns(2) is per thread, and a thread starts in its creator's namespace:
+    the spawner thread keeps the namespace of whichever thread created it,
+    while a helper must start where its caller is (a thread inside
+    :func:`~fastlive.testing.in_netns`, or back outside it).  The wrapper
+    enters the caller's namespace in the spawner thread for the one call and
+    returns to the spawner's own; no setns at all when they are the same."""
+    try:
+        want = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:                     # no /proc: nothing to follow
+        return fn
+
+    def call() -> Any:
+        try:
+            if os.fstat(want).st_ino == os.stat(_THREAD_NETNS).st_ino:
+                return fn()
+            home = os.open(_THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(want)
+                try:
+                    return fn()
+                finally:
+                    _setns(home)
+            finally:
+                os.close(home)
+        finally:
+            os.close(want)
+    return call
+
+
+def _setns(fd: int) -> None:
+    if libc().setns(fd, _CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns(CLONE_NEWNET) in the helper spawner: {os.strerror(e)}")
+
+
 class _Spawner:
     """Starts helper processes from one thread that lives as long as the
     process (the main thread, or a daemon thread for calls from any other
@@ -99,7 +141,7 @@ class _Spawner:
                                                  name="fastlive-spawner")
                 self._thread.start()
         box: queue.Queue[Any] = queue.Queue()
-        self._jobs.put((fn, box))
+        self._jobs.put((_in_callers_netns(fn), box))
         ok, value = box.get(timeout=timeout)
         if not ok:
             raise value
