@@ -7,6 +7,9 @@
   call reconnects.
 * aiohttp's server: a client that vanishes (link down) is closed within the
   bound; the same client on an unguarded listener is still there.
+* aiohttp's client with ``fastlive.aio.socket_factory``: a GET on a server
+  blackholed mid-request fails within the bound (+ SCHED_SLACK), aiohttp's
+  retry on a fresh connection included.
 """
 from __future__ import annotations
 
@@ -127,6 +130,9 @@ def test_redis_blackholed_server(kind: str) -> None:
             run(kind, main())
 
 
+SCHED_SLACK = 0.5   # aiohttp tests: the bound is the kernel's; this is the loop's and the test's share
+
+
 def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
     web = pytest.importorskip("aiohttp.web", reason="pip install aiohttp")
 
@@ -173,7 +179,7 @@ def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
                 assert gone, "the vanished client was not detected"
                 took = gone[0][0] - t0
                 assert gone[0][1].status is Status.TIMED_OUT, gone[0][1]
-                assert took < BOUND + SLACK, took
+                assert took < BOUND + SCHED_SLACK, took
                 def open_handlers() -> int:
                     return sum(h.transport is not None for h in runner.server.connections)
 
@@ -196,9 +202,11 @@ def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
 
 
 def test_aiohttp_client_socket_factory(kind: str) -> None:
-    """A request outstanding on a server that then vanishes (blackhole): with
-    fastlive's socket factory the session's request fails within the bound;
-    without it the request is still waiting."""
+    """A GET outstanding on a server that then vanishes (blackhole): with
+    fastlive's socket factory the session's call fails within the bound -
+    the established connection's ETIMEDOUT *and* aiohttp's retry of the
+    idempotent request on a fresh connection (whose SYN is never answered)
+    both fit in it; without it the request is still waiting."""
     aiohttp = pytest.importorskip("aiohttp", reason="pip install aiohttp")
 
     with NetnsPair() as pair:
@@ -206,9 +214,16 @@ def test_aiohttp_client_socket_factory(kind: str) -> None:
         url = f"http://{pair.addr_b}:{pair.peer.port}/"   # accepts, never answers
 
         async def main() -> None:
+            connects: List[float] = []
+
+            async def on_connect(*_a: Any) -> None:
+                connects.append(time.monotonic())
+            trace = aiohttp.TraceConfig()
+            trace.on_connection_create_start.append(on_connect)
             timeout = aiohttp.ClientTimeout(total=None)
-            guarded = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(
-                socket_factory=aio.socket_factory(within=BOUND)))
+            guarded = aiohttp.ClientSession(timeout=timeout, trace_configs=[trace],
+                                            connector=aiohttp.TCPConnector(
+                                                socket_factory=aio.socket_factory(within=BOUND)))
             plain = aiohttp.ClientSession(timeout=timeout)
             try:
                 g = asyncio.ensure_future(guarded.get(url))
@@ -220,12 +235,14 @@ def test_aiohttp_client_socket_factory(kind: str) -> None:
                 with pytest.raises(aiohttp.ClientError):
                     await asyncio.wait_for(g, BOUND + SLACK)
                 took = time.monotonic() - t0
-                assert took < BOUND + SLACK, took
+                assert took < BOUND + SCHED_SLACK, took
                 assert not p.done(), "without fastlive the request should still be waiting"
                 p.cancel()
                 await asyncio.gather(p, return_exceptions=True)
-                print(f"\n{kind}: aiohttp request failed {took:.2f} s after the blackhole "
-                      f"(bound {BOUND} s); the plain session's is still waiting")
+                retry = (f"aiohttp's retry connected {connects[1] - t0:.2f} s after"
+                         if len(connects) > 1 else "no retry")
+                print(f"\n{kind}: aiohttp GET failed {took:.2f} s after the blackhole "
+                      f"(bound {BOUND} s; {retry}); the plain session's is still waiting")
             finally:
                 await guarded.close()
                 await plain.close()
