@@ -10,23 +10,33 @@
 * aiohttp's client with ``fastlive.aio.socket_factory``: a GET on a server
   blackholed mid-request fails within the bound (+ SCHED_SLACK), aiohttp's
   retry on a fresh connection included.
+* PostgreSQL (Debian package, a throwaway cluster started in B as the
+  ``postgres`` account) and asyncpg: a query on a blackholed server fails
+  within the bound with the documented recipe (the pool's ``init`` guards
+  each connection) and the pool reconnects; an unguarded query still waits.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
+import os
+import pwd
+import re
 import shutil
+import signal
 import socket
 import subprocess
+import tempfile
 import time
-from typing import Any, Coroutine, List
+from typing import Any, Coroutine, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 from _aio_util import run_on
 
 import fastlive.aio as aio
 from fastlive import Status
-from fastlive.testing import NetnsPair, PeerProcess, netns_unavailable
+from fastlive.testing import NetnsPair, PeerProcess, in_netns, netns_unavailable
 
 NETNS = netns_unavailable()
 BOUND = 5           # the detection bound the tests ask for (seconds)
@@ -246,5 +256,136 @@ def test_aiohttp_client_socket_factory(kind: str) -> None:
             finally:
                 await guarded.close()
                 await plain.close()
+        with pair.inside_a():
+            run(kind, main())
+
+
+# -- PostgreSQL + asyncpg ---------------------------------------------------
+
+def _pg_bindir() -> Optional[str]:
+    """Where initdb and postgres are: PATH, else Debian's
+    /usr/lib/postgresql/<version>/bin (the newest)."""
+    exe = shutil.which("postgres")
+    if exe is not None and shutil.which("initdb") is not None:
+        return os.path.dirname(exe)
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"),
+                   key=lambda p: [int(x) for x in re.findall(r"\d+", p)])
+    for exe in reversed(found):
+        if os.access(os.path.join(os.path.dirname(exe), "initdb"), os.X_OK):
+            return os.path.dirname(exe)
+    return None
+
+
+def _pg_account() -> Tuple[int, int]:
+    """postgres refuses to run as root: the ``postgres`` account, else ``nobody``."""
+    for name in ("postgres", "nobody"):
+        try:
+            pw = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return pw.pw_uid, pw.pw_gid
+    pytest.skip("no 'postgres' or 'nobody' account to run the PostgreSQL server as")
+
+
+@pytest.fixture(scope="module")
+def pg_template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[str, str, int, int]]:
+    """One initdb per module (a throwaway cluster, trust auth, no fsync),
+    copied for every test; removed at the end."""
+    bindir = _pg_bindir()
+    if bindir is None:
+        pytest.skip("the PostgreSQL server is not installed "
+                    "(apt-get install -y --no-install-recommends postgresql)")
+    uid, gid = _pg_account()
+    base = tempfile.mkdtemp(prefix="fl-pg-")
+    try:
+        os.chown(base, uid, gid)
+        data = os.path.join(base, "template")
+        subprocess.run([os.path.join(bindir, "initdb"), "-D", data, "-U", "postgres", "-A", "trust",
+                        "--no-sync", "-E", "UTF8", "--locale=C", "--no-instructions"],
+                       user=uid, group=gid, extra_groups=[], check=True, capture_output=True,
+                       timeout=60, cwd=base)
+        with open(os.path.join(data, "pg_hba.conf"), "a") as f:   # the netns pair's clients
+            f.write("host all all samenet trust\n")
+        yield bindir, base, uid, gid
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server(pair: NetnsPair, tmpl: Tuple[str, str, int, int], port: int = 5439) -> Any:
+    """A PostgreSQL server inside B on ``pair.addr_b:port`` (a copy of the
+    template cluster, run as the unprivileged account), stopped (SIGQUIT:
+    immediate shutdown, then SIGKILL) and removed at the end."""
+    bindir, base, uid, gid = tmpl
+    data = tempfile.mkdtemp(prefix="run-", dir=base)
+    shutil.rmtree(data)
+    shutil.copytree(os.path.join(base, "template"), data, symlinks=True)
+    for root, dirs, files in os.walk(data):
+        for n in dirs + files:
+            os.lchown(os.path.join(root, n), uid, gid)
+    os.lchown(data, uid, gid)
+    os.chmod(data, 0o700)
+    with in_netns(pair.ns_b):       # the server's sockets live in B
+        proc = subprocess.Popen(
+            [os.path.join(bindir, "postgres"), "-D", data, "-p", str(port), "-k", data,
+             "-c", f"listen_addresses={pair.addr_b}", "-c", "fsync=off",
+             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+             "-c", "max_connections=10", "-c", "shared_buffers=8MB", "-c", "logging_collector=off"],
+            user=uid, group=gid, extra_groups=[], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, cwd=data)
+    try:
+        _wait_port(pair, port)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_asyncpg_blackholed_server(kind: str, pg_template: Tuple[str, str, int, int]) -> None:
+    """asyncpg against a real PostgreSQL server blackholed while a query
+    waits: with the documented recipe (the pool's ``init`` guards every new
+    connection) the query fails within the bound and the pool's next query
+    reconnects; without it the query is still waiting."""
+    asyncpg = pytest.importorskip("asyncpg", reason="pip install asyncpg")
+
+    async def init(conn: Any) -> None:         # the recipe (docs/aio.md)
+        aio.guard(conn._transport, within=BOUND)
+
+    with NetnsPair() as pair, postgres_server(pair, pg_template) as port:
+        async def main() -> None:
+            kw: Dict[str, Any] = dict(host=pair.addr_b, port=port, user="postgres",
+                                      database="postgres")
+            plain = await asyncpg.connect(**kw)
+            pool = await asyncpg.create_pool(init=init, min_size=1, max_size=1, **kw)
+            try:
+                assert await pool.fetchval("SELECT 1") == 1
+                assert len(aio.watcher_for()) == 1
+                await asyncio.to_thread(pair.blackhole)
+                t0 = time.monotonic()
+                sql = "SELECT 2"
+                p = asyncio.ensure_future(plain.fetchval(sql))
+                g = asyncio.ensure_future(pool.fetchval(sql))
+                with pytest.raises((asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)):
+                    await asyncio.wait_for(g, BOUND + SLACK)
+                took = time.monotonic() - t0
+                assert took < BOUND + SCHED_SLACK, took
+                assert not p.done(), "without fastlive the query should still be waiting"
+                p.cancel()
+                await asyncio.gather(p, return_exceptions=True)
+                await asyncio.to_thread(_restore_address, pair)
+                assert await asyncio.wait_for(pool.fetchval("SELECT 3"), 30) == 3   # reconnected
+                print(f"\n{kind}: asyncpg query failed {took:.2f} s after the blackhole "
+                      f"(bound {BOUND} s, {type(g.exception()).__name__}); the unguarded one "
+                      "was still waiting; the pool reconnected")
+            finally:
+                plain.terminate()
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pool.close(), 5)
+                pool.terminate()
         with pair.inside_a():
             run(kind, main())
