@@ -150,6 +150,13 @@ def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
         with pair.inside_a():
             lst_g = socket.create_server((pair.addr_a, 0))
             lst_p = socket.create_server((pair.addr_a, 0))
+        # The client is started here, from the main thread outside A: a
+        # helper spawned from a worker thread of a loop running inside A
+        # would make fastlive.testing's spawner thread (started on first use,
+        # for good) inherit A, and later tests' loopback helpers would start
+        # in that (deleted) namespace.  Its connections wait in the backlogs.
+        client = PeerProcess(connect=(pair.addr_a, lst_g.getsockname()[1]), netns=pair.ns_b)
+        other = client.connect((pair.addr_a, lst_p.getsockname()[1]))
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -170,11 +177,7 @@ def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
                                    on_gone=lambda tr, v: gone.append((time.monotonic(), v))),
                 sock=lst_g)
             srv_p = await loop.create_server(runner.server, sock=lst_p)
-            client = None
             try:
-                client = await asyncio.to_thread(
-                    PeerProcess, connect=(pair.addr_a, lst_g.getsockname()[1]), netns=pair.ns_b)
-                other = await asyncio.to_thread(client.connect, (pair.addr_a, lst_p.getsockname()[1]))
                 req = b"GET /wait HTTP/1.1\r\nHost: test\r\n\r\n"
                 for conn in (0, other):
                     started.clear()
@@ -200,15 +203,16 @@ def test_aiohttp_server_closes_vanished_client(kind: str) -> None:
                 print(f"\n{kind}: aiohttp connection closed {took:.2f} s after link down "
                       f"(bound {BOUND} s); the unguarded one is still open")
             finally:
-                if client is not None:
-                    await asyncio.to_thread(client.close)
                 srv_g.close()
                 srv_p.close()
                 await runner.cleanup()
-        with pair.inside_a():
-            run(kind, main())
-        lst_g.close()
-        lst_p.close()
+        try:
+            with pair.inside_a():
+                run(kind, main())
+        finally:
+            client.close()
+            lst_g.close()
+            lst_p.close()
 
 
 def test_aiohttp_client_socket_factory(kind: str) -> None:
