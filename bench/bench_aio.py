@@ -19,12 +19,15 @@
    loop (the engine's fd on the loop), asyncio one task per connection
    (sleep, write, read the PONG) and a websockets-style keepalive (a ping
    task per connection waiting on a pong future resolved by the protocol),
-   each also with the loop blocked in 1 s stretches (``+blocked``: a task
-   that sleeps 1 s and then blocks the loop for 1 s, over and over).  CPU
+   each also with the loop blocked in stretches of one interval
+   (``+blocked``: a task that sleeps 1 s and then blocks the loop for 1 s,
+   over and over, at the default interval).  CPU
    as a ratio to the floor, PING lateness, and deaths (there should be none:
    every peer answers).
 
-``--quick``: 300 connections and short windows (the test suite runs it).
+``--quick``: 200 connections, interval 0.5 s, 0.6 s windows after 0.5 s
+warmups: proves every column runs end to end in seconds (the test suite
+runs it); its numbers mean little.
 Loopback only; every helper process dies with the run.
 """
 from __future__ import annotations
@@ -333,7 +336,7 @@ def hb_case(name: str, exe: Path, ip: str, a: argparse.Namespace) -> Dict[str, A
         try:
             extra = ["--loop", loop, "--host", ip, "--port", str(peer.port)]
             if name.endswith("+blocked"):
-                extra += ["--block", "1.0"]
+                extra += ["--block", str(a.interval)]
             res = run_role(role, a, extra, budget)
         finally:
             peer.close()
@@ -346,9 +349,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
-    ap.add_argument("--quick", action="store_true", help="300 connections, short windows")
+    ap.add_argument("--quick", action="store_true",
+                    help="200 connections, interval 0.5 s, 0.6 s windows (a smoke run)")
     ap.add_argument("--n", type=int, default=None, help="connections (default 10000)")
-    ap.add_argument("--interval", type=float, default=1.0, help="heartbeat interval, seconds")
+    ap.add_argument("--interval", type=float, default=None,
+                    help="heartbeat interval, seconds (default 1; --quick 0.5)")
     ap.add_argument("--seconds", type=float, default=None, help="measured window")
     ap.add_argument("--warmup", type=float, default=None)
     ap.add_argument("--parts", default="gone,hb", help="gone, hb or both (default)")
@@ -368,11 +373,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = ap.parse_args(argv)
     bhb.raise_nofile()
     if a.n is None:
-        a.n = 300 if a.quick else 10000
-    if a.seconds is None:
-        a.seconds = 2.0 if a.quick else 10.0
-    if a.warmup is None:
-        a.warmup = 1.0 if a.quick else 3.0
+        a.n = 200 if a.quick else 10000
+    if a.interval is None:
+        a.interval = 0.5 if a.quick else 1.0
+    if a.seconds is None:         # the window holds at least one interval
+        a.seconds = 0.6 if a.quick else 10.0
+    if a.warmup is None:          # at least one interval: spread schedules start after one
+        a.warmup = 0.5 if a.quick else 3.0
     if a.role:
         print(json.dumps(ROLES[a.role](a)), flush=True)
         return 0

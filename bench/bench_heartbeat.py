@@ -23,8 +23,9 @@ engine's own thread, and their lateness is the number to watch).
 
 Tick lateness: how long after its due time a PING was actually sent (for the
 engine: after the tick boundary its deadline rounds up to; the tick is
-10 ms).  ``--quick`` runs 200 connections for a few seconds (the test
-suite runs it); the full run takes about two minutes.
+10 ms).  ``--quick`` runs 200 connections at a 0.5 s interval for 0.6 s
+windows (the test suite runs it: every case end to end in a few seconds;
+its numbers mean little); the full run takes about two minutes.
 
 Peers run in helper processes (RLIMIT_NOFILE is 20000 per process), each
 on its own loopback address so ports in TIME_WAIT never collide.
@@ -656,9 +657,11 @@ def run_case(name: str, exe: Path, ip: str, a: argparse.Namespace,
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="200 connections, short windows")
+    ap.add_argument("--quick", action="store_true",
+                    help="200 connections, interval 0.5 s, 0.6 s windows (a smoke run)")
     ap.add_argument("--n", type=int, default=None, help="connections (default 10000)")
-    ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--interval", type=float, default=None,
+                    help="heartbeat interval, seconds (default 1; --quick 0.5)")
     ap.add_argument("--seconds", type=float, default=None, help="measured window")
     ap.add_argument("--warmup", type=float, default=None)
     ap.add_argument("--cases",
@@ -680,10 +683,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise_nofile()
     if a.n is None:
         a.n = 200 if a.quick else 10000
-    if a.seconds is None:
-        a.seconds = 2.0 if a.quick else 10.0
-    if a.warmup is None:
-        a.warmup = 1.5 if a.quick else 3.0
+    if a.interval is None:
+        a.interval = 0.5 if a.quick else 1.0
+    if a.seconds is None:         # the window holds at least one interval
+        a.seconds = 0.6 if a.quick else 10.0
+    if a.warmup is None:          # at least one interval: spread schedules start after one
+        a.warmup = 0.5 if a.quick else 3.0
     if a.role:
         print(json.dumps(ROLES[a.role](a)))
         return 0
@@ -701,7 +706,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for rnd in range(a.repeat):
             for k, name in enumerate(cases):
                 ip = f"127.{rnd + 1}.{os.getpid() % 200 + 1}.{k + 2}"
-                busy = 500 if name == "engine-busy" else 0
+                # engine-busy: application data every half interval (500 ms at 1 s)
+                busy = round(a.interval * 500) if name == "engine-busy" else 0
                 res = run_case(name, exe, ip, a, busy)
                 res["round"] = rnd
                 res["load"] = loadavg()

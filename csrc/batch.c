@@ -374,6 +374,27 @@ int fl_batch_sweep_poll(struct fl_batch *b, int timeout_ms)
     return finish(b, ng, FL_M_POLL);
 }
 
+/* The verdict of entry i from one getsockopt(TCP_INFO): err is its errno
+ * (0 on success), len the bytes the kernel wrote, st the state byte.  The
+ * common case, ESTABLISHED, is decided here without the state rule.
+ * Returns 1 when the entry is alive. */
+static inline int state_verdict(struct fl_batch *b, int i, int err, socklen_t len, int st)
+{
+    if (err) {
+        decide(b, i, err, -1, 0, 0);
+        return 0;
+    }
+    if (len >= 1 && st == TCP_ESTABLISHED) {
+        b->tcp_state[i] = TCP_ESTABLISHED;
+        b->status[i] = FL_ALIVE;
+        b->err[i] = 0;
+        b->flags[i] = 0;
+        return 1;
+    }
+    decide(b, i, len < 1 ? EOPNOTSUPP : 0, len < 1 ? -1 : st, 0, 0);
+    return b->status[i] == FL_ALIVE;
+}
+
 int fl_batch_sweep_states(struct fl_batch *b)
 {
     struct batch_priv *pv = b->priv;
@@ -386,21 +407,9 @@ int fl_batch_sweep_states(struct fl_batch *b)
         int i = map[j];
         uint8_t st = 0;
         socklen_t len = 1;
+        int e = getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, &st, &len) < 0 ? errno : 0;
 
-        if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, &st, &len) < 0) {
-            decide(b, i, errno, -1, 0, 0);
-            pv->scratch[ng++] = i;
-            continue;
-        }
-        if (len >= 1 && st == TCP_ESTABLISHED) {
-            b->tcp_state[i] = st;
-            b->status[i] = FL_ALIVE;
-            b->err[i] = 0;
-            b->flags[i] = 0;
-            continue;
-        }
-        decide(b, i, len < 1 ? EOPNOTSUPP : 0, len < 1 ? -1 : st, 0, 0);
-        if (b->status[i] != FL_ALIVE)
+        if (!state_verdict(b, i, e, len, st))
             pv->scratch[ng++] = i;
     }
     return finish(b, ng, FL_M_TCP_INFO);
@@ -427,25 +436,10 @@ int fl_batch_sweep_tcp_info(struct fl_batch *b)
         socklen_t len = sizeof *info;
         struct fl_tcp_info *ti = &info[i];
 
-        if (getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, ti, &len) < 0) {
-            b->info_len[i] = 0;
-            decide(b, i, errno, -1, 0, 0);
-            pv->scratch[ng++] = i;
-            continue;
-        }
-        b->info_len[i] = (uint32_t)len;
-        if (len >= 1 && ti->tcpi_state == TCP_ESTABLISHED) {
-            b->tcp_state[i] = TCP_ESTABLISHED;
-            b->status[i] = FL_ALIVE;
-            b->err[i] = 0;
-            b->flags[i] = fl_tcp_info_suspect(ti, (int)len) ? FL_F_SUSPECT : 0;
-            continue;
-        }
-        if (len < 1)
-            decide(b, i, EOPNOTSUPP, -1, 0, 0);
-        else
-            decide(b, i, 0, ti->tcpi_state, 0, 0);
-        if (b->status[i] != FL_ALIVE) {
+        int e = getsockopt(pfd[j].fd, IPPROTO_TCP, TCP_INFO, ti, &len) < 0 ? errno : 0;
+
+        b->info_len[i] = e ? 0 : (uint32_t)len;
+        if (!state_verdict(b, i, e, len, e ? 0 : ti->tcpi_state)) {
             pv->scratch[ng++] = i;
             continue;
         }

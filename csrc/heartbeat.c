@@ -885,6 +885,18 @@ static int unusable(const struct fl_hb *hb)
     return 0;
 }
 
+/* Takes the engine's lock unless the engine is closed: 0 with hb->mu held,
+ * or -ESHUTDOWN with it released. */
+static int lock_open(struct fl_hb *hb)
+{
+    pthread_mutex_lock(&hb->mu);
+    if (hb->closed) {
+        pthread_mutex_unlock(&hb->mu);
+        return -ESHUTDOWN;
+    }
+    return 0;
+}
+
 int fl_hb_ready(struct fl_hb *hb, int timeout_ms)
 {
     struct pollfd pfd;
@@ -913,11 +925,8 @@ int fl_hb_peek(struct fl_hb *hb, struct fl_hb_event *out, int max, int *consumed
         return r;
     if (max < 0 || (max > 0 && !out) || !consumed)
         return -EINVAL;
-    pthread_mutex_lock(&hb->mu);
-    if (hb->closed) {
-        pthread_mutex_unlock(&hb->mu);
-        return -ESHUTDOWN;
-    }
+    if ((r = lock_open(hb)) < 0)
+        return r;
     for (i = hb->dead_head; i != NIL && n < max; i = hb->c[i].next, k++) {
         const struct conn *c = &hb->c[i];
         struct fl_hb_event *e;
@@ -944,11 +953,8 @@ int fl_hb_commit(struct fl_hb *hb, int consumed)
 
     if (r < 0)
         return r;
-    pthread_mutex_lock(&hb->mu);
-    if (hb->closed) {
-        pthread_mutex_unlock(&hb->mu);
-        return -ESHUTDOWN;
-    }
+    if ((r = lock_open(hb)) < 0)
+        return r;
     for (k = 0; k < consumed && hb->dead_head != NIL; k++) {
         int32_t i = hb->dead_head;
         hb->dead_head = hb->c[i].next;
@@ -1295,9 +1301,9 @@ int fl_hb_add(struct fl_hb *hb, int fd, int interval_ms, int misses, int flags,
         return -EINVAL;
     if (fd < 0)
         return -EBADF;
-    pthread_mutex_lock(&hb->mu);
-    r = hb->closed ? -ESHUTDOWN
-        : add_locked(hb, fd, interval_ms, misses, flags, progress_ms, token);
+    if ((r = lock_open(hb)) < 0)
+        return r;
+    r = add_locked(hb, fd, interval_ms, misses, flags, progress_ms, token);
     pthread_mutex_unlock(&hb->mu);
     return r;
 }
@@ -1310,11 +1316,8 @@ int fl_hb_remove(struct fl_hb *hb, uint64_t token)
 
     if (r < 0)
         return r;
-    pthread_mutex_lock(&hb->mu);
-    if (hb->closed) {
-        pthread_mutex_unlock(&hb->mu);
-        return -ESHUTDOWN;
-    }
+    if ((r = lock_open(hb)) < 0)
+        return r;
     c = i >= 0 && i < hb->cap ? &hb->c[i] : NULL;
     if (!c || c->gen != (uint32_t)(token >> 32)
         || (c->state != C_LIVE && c->state != C_DEAD)) {

@@ -1,4 +1,5 @@
-"""bench/bench_aio.py runs (a few hundred connections, short windows) and
+"""bench/bench_aio.py runs (--quick: a few hundred connections, 0.5 s interval,
+0.6 s windows) and
 prints both parts with asyncio and uvloop columns; the numbers it reports
 are checked for sanity only (speed is the benchmark's business)."""
 from __future__ import annotations
@@ -29,18 +30,23 @@ def test_bench_gone_quick() -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert "peer_gone woke" in out.stdout
     data = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
+    n = data["n"]
+    assert n >= 100          # so the SIGKILLed 1% is at least one peer
     for name, r in data["gone"].items():
-        assert r["woke"] == r["killed"] == 3, (name, r)
+        assert r["woke"] == r["killed"] == n // 100, (name, r)
         assert r["wrong"] == 0, (name, r)
         if name.startswith("fastlive"):
-            assert r["watched"] == 300
+            assert r["watched"] == n
 
 
 @pytest.mark.slow
 @pytest.mark.no_qemu("too slow emulated")
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the C peer and floor")
 def test_bench_heartbeat_quick() -> None:
-    out = bench("--parts", "hb", "--n", "100", "--seconds", "1", "--warmup", "0.5")
+    # 14 cases, each its own processes: a 0.25 s interval keeps it short
+    # (every case still runs whole rounds of PINGs in its window)
+    out = bench("--parts", "hb", "--n", "100", "--interval", "0.25", "--seconds", "0.3",
+                "--warmup", "0.25")
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
     names = {r["name"] for r in data["hb"]}

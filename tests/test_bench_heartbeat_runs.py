@@ -1,5 +1,5 @@
-"""The heartbeat benchmark runs (quick mode); it prints numbers, asserts
-no speed."""
+"""The heartbeat benchmark runs (quick mode: 0.5 s interval, 0.6 s windows,
+every case end to end); it prints numbers, asserts no speed."""
 from __future__ import annotations
 
 import json
@@ -17,8 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_heartbeat.py"
 @pytest.mark.skipif(not shutil.which("gcc"), reason="the bench compiles its floor with gcc")
 def test_quick_bench_runs() -> None:
     out = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--n", "50", "--seconds", "1",
-         "--warmup", "1.2", "--json"],
+        [sys.executable, str(BENCH), "--quick", "--n", "50", "--json"],
         capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
@@ -31,8 +30,8 @@ def test_quick_bench_runs() -> None:
         r = by[name]
         assert r["pings"] >= 50, r          # one round of PINGs in the window
         assert r["pongs"] >= r["pings"] - 50, r
-        assert r["cpu"] >= 0 and r["window"] > 0.5
-    # busy connections: data every 0.5 s is life, so (almost) no PING goes
+        assert r["cpu"] >= 0 and r["window"] >= 0.5     # --quick: 0.6 s, one interval
+    # busy connections: data every half interval is life, so (almost) no PING goes
     # out, against >= one per connection when idle (slack: a loaded machine
     # may delay the peer's data past an interval now and then)
     assert by["engine-busy"]["pings"] <= 5, by["engine-busy"]

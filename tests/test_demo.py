@@ -88,6 +88,12 @@ def test_cell_physics(matrix, method, failure, busy):
         # on arm64 under TCG)
         statuses.add("RESET")
         errnos = errnos | {errno.ECONNRESET}
+        # or the FIN came and then, before the engine read it, the RST our
+        # PING drew from the closed socket (its own PING; in the busy cell
+        # the demo's data): recv() gives the EOF (the FIN was seen) but the
+        # state is already CLOSE, and the state rule says CLOSED, errno 0
+        # (seen natively on a loaded 2-core machine)
+        statuses.add("CLOSED")
     assert c.detected, c
     assert c.status in statuses and c.errno in errnos, c
     if _platform.emulated_cpu():
@@ -119,12 +125,15 @@ def test_matrix_has_every_cell_once(matrix):
 
 
 @slow
-def test_cli_json_without_netns():
-    out = subprocess.run([sys.executable, "-m", "fastlive", "demo", "--json",
-                          "--no-netns", "--window", "2.5"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+def test_cli_json_without_netns(capsys):
+    """``fastlive demo --json --no-netns``, run by the command's own main()
+    in this process (``python -m fastlive`` is test_usage_error_of_python_m_fastlive's;
+    a Python start-up costs ~6 s on an emulated CPU)."""
+    from fastlive.tools.cli import main
+    rc = main(["demo", "--json", "--no-netns", "--window", "2.5"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    data = json.loads(out.out)
     assert set(data["skipped"]) == set(SILENT)
     cells = {(c["method"], c["failure"], c["busy"]): c for c in data["cells"]}
     fin = cells[("epoll", "fin", False)]
@@ -132,7 +141,7 @@ def test_cli_json_without_netns():
     rst = cells[("keepalive", "rst", False)]
     assert rst["status"] == "RESET" and rst["errno"] == errno.ECONNRESET
     assert cells[("tcp_info", "link-down", False)]["skipped"]
-    assert "faults" in out.stderr     # progress went to stderr
+    assert "faults" in out.err     # progress went to stderr
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -145,13 +154,30 @@ def test_cli_json_without_netns():
     (["client", "--iterations", "-1"], "argument --iterations"),
     (["server", "--keepalive", "1", "1", "200"], "keepalive count must be in 1..127"),
 ])
-def test_usage_errors_come_from_the_subcommand(argv, message):
+def test_usage_errors_come_from_the_subcommand(argv, message, capsys):
+    """In this process, as ``fastlive.tools.cli.main`` (what ``python -m
+    fastlive`` and the console script call; the first case also runs as
+    ``python -m fastlive``, below): one Python start-up each costs ~6 s on
+    an emulated CPU."""
+    from fastlive.tools.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    _check_usage_error(argv, message, capsys.readouterr().err)
+
+
+def test_usage_error_of_python_m_fastlive():
+    argv, message = ["demo", "--bogus"], "unrecognized arguments: --bogus"
     out = subprocess.run([sys.executable, "-m", "fastlive", *argv],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
+    _check_usage_error(argv, message, out.stderr)
+
+
+def _check_usage_error(argv, message, stderr):
+    lines = stderr.strip().splitlines()
     assert lines[0].startswith(f"usage: fastlive {argv[0]} ")
-    assert lines[-1].startswith(f"fastlive {argv[0]}: error: ") and message in lines[-1], out.stderr
+    assert lines[-1].startswith(f"fastlive {argv[0]}: error: ") and message in lines[-1], stderr
 
 
 def test_bad_window_in_python():

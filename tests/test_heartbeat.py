@@ -17,16 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastlive import Method, Status, _platform, check_poll, check_so_error, set_keepalive, tcp_info
+from fastlive import Method, Status, check_poll, check_so_error, set_keepalive, tcp_info
 from fastlive import heartbeat as hb
 from fastlive.testing import HeartbeatPeerProcess
 from fastlive.heartbeat import (HeartbeatDeath, Decoder, FrameError, FrameType, HeartbeatEngine,
                                 PyHeartbeatPeer)
 from fastlive.tcpstate import TcpState
 
+from _scale import scaled
+
 ROOT = Path(__file__).resolve().parent.parent
-#: hypothesis examples: a tenth where Python runs emulated (10-50x slower)
-FUZZ = 0.1 if _platform.under_qemu() else 1.0
 
 
 # ---- helpers ---------------------------------------------------------------
@@ -118,7 +118,7 @@ def test_parse_python_and_c(data: bytes, expect: int) -> None:
     assert hb.c_parse(data) == hb.parse(data)
 
 
-@settings(max_examples=int(400 * FUZZ), deadline=None,
+@settings(max_examples=scaled(400), deadline=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=48))
 def test_fuzz_c_parser_matches_reference(data: bytes) -> None:
@@ -128,7 +128,7 @@ def test_fuzz_c_parser_matches_reference(data: bytes) -> None:
     assert -150 < got[0] <= min(len(data), hb.MAX_FRAME)
 
 
-@settings(max_examples=int(200 * FUZZ), deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(st.lists(st.tuples(st.sampled_from([FrameType.PING, FrameType.PONG]),
                           st.integers(0, 0xFFFF), st.binary(max_size=hb.MAX_PAYLOAD)),
                 max_size=8),
@@ -148,7 +148,7 @@ def test_fuzz_stream_split_anywhere(frames, cuts) -> None:
     assert dec.pending == 0
 
 
-@settings(max_examples=int(200 * FUZZ), deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(st.binary(min_size=1, max_size=64))
 def test_fuzz_decoder_garbage_never_crashes(data: bytes) -> None:
     dec = Decoder()
@@ -395,7 +395,12 @@ def test_bad_frames_kill_only_their_connection(engine: HeartbeatEngine,
             d = by_fd.pop(pairs[name][0].fileno())
             assert d.verdict.status is Status.ERROR and d.verdict.errno == err, name
         assert by_fd == {}
-        assert split.recv(16, socket.MSG_DONTWAIT) == hb.encode(FrameType.PONG, 9)
+        # the PONG to the split PING; the engine's own PINGs (interval 0.1 s)
+        # may come first when sending the split frame took that long
+        got = split.recv(64, socket.MSG_DONTWAIT)
+        frames = [got[i:i + 5] for i in range(0, len(got), 5)]
+        assert hb.encode(FrameType.PONG, 9) in frames, got
+        assert all(f == hb.encode(FrameType.PONG, 9) or f[:2] == b"\xfb\x11" for f in frames), got
         peer.add(split)
         # the healthy ones go on
         assert run_until(engine, 0.5) == []

@@ -10,11 +10,13 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import fastlive
 from fastlive import KeepaliveSettings, detection_time
 from fastlive.keepalive import read_sysctl_defaults
+
+from _scale import scaled
 
 
 @pytest.fixture
@@ -109,6 +111,7 @@ def test_set_keepalive_roundtrip(sock):
     assert not got.enabled and got.idle == 30      # None leaves options alone
 
 
+@settings(max_examples=scaled(100))
 @given(st.floats(min_value=2, max_value=100000, allow_nan=False))
 def test_plan_within_never_exceeds_the_bound(seconds):
     plan = fastlive.plan_within(seconds)

@@ -20,6 +20,7 @@ from fastlive._lib import ffi, lib
 from fastlive.census import Timer
 from fastlive.metrics import LEDGER, MachineSampler, process_figures
 
+from _scale import scaled
 from _metrics_util import close_wait_on, counted_monitor, open_fds, wait_deaths
 
 prometheus_client = pytest.importorskip("prometheus_client")
@@ -470,7 +471,7 @@ def test_census_without_tcp_info_has_no_suspect_family(loopback_pairs):
 
 # --- the tally's top-k on synthetic records (any ports, any k) ---------------------
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(recs=hs.lists(hs.tuples(hs.integers(1, 11), hs.integers(0, 65535), hs.integers(0, 6),
                                hs.integers(0, 3)), max_size=300),
        k=hs.integers(0, 12))

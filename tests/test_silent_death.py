@@ -1,7 +1,7 @@
 """The physics of a dead peer, measured on real connections.
 
 Silent deaths (link down, blackhole) inside a netns pair: nothing reaches
-the local side, so only a kernel timer can tell.  One shared 20 s window
+the local side, so only a kernel timer can tell.  One shared 10 s window
 runs every scenario at once (two namespace pairs with ten connections
 each, plus frozen peers), and the tests below assert on what it recorded.
 Loud deaths (FIN, RST, SIGKILL, unread data, half-close) on loopback and
@@ -25,7 +25,12 @@ from fastlive.testing import NetnsPair, PeerProcess, netns_unavailable
 NETNS = netns_unavailable()
 needs_netns = pytest.mark.skipif(NETNS is not None, reason=f"netns: {NETNS}")
 
-WINDOW = 20.0          # the article's "still ESTABLISHED 20 s later"
+#: The article says "still ESTABLISHED 20 s later"; for an idle or busy
+#: connection without keepalive nothing changes in the kernel between the
+#: first RTO backoffs (busy: `suspect` after ~0.2 s) and tcp_retries2's
+#: ~925 s, so 10 s - twice the longest bound asserted below (5 s) - shows
+#: the same, and leaves the "never fires" checks room past every timer.
+WINDOW = 10.0
 WITHIN = 5             # fastlive.detect_within(sock, WITHIN)
 SLACK = 1.0            # timer slack allowed past a bound (about one RTO, and load)
 #: TCP_USER_TIMEOUT counts from the first *retransmission* (after a tail
@@ -183,10 +188,11 @@ CUTS = pytest.mark.parametrize("fault", ["link_down", "blackhole"])
 
 @pytest.mark.slow
 @CUTS
-def test_tcp_info_still_established_20s_later(silent, fault):
-    """The article's claim: a silently dead peer leaves the connection
-    ESTABLISHED; with nothing in flight TCP_INFO shows nothing at all, with
-    data in flight only the 'suspect' signal (retransmissions)."""
+def test_tcp_info_still_established_10s_later(silent, fault):
+    """The article's claim (its 20 s: the same, see WINDOW): a silently
+    dead peer leaves the connection ESTABLISHED; with nothing in flight
+    TCP_INFO shows nothing at all, with data in flight only the 'suspect'
+    signal (retransmissions)."""
     assert silent.window >= WINDOW
     idle = detected(silent, fault, "plain_idle")
     busy = detected(silent, fault, "plain_busy")

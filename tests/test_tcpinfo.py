@@ -17,6 +17,8 @@ import fastlive
 from fastlive import TcpInfo, TcpState
 from fastlive.tcpinfo import FIELD_NAMES, FIELDS, TCP_INFO_SIZE
 
+from _scale import scaled
+
 
 @pytest.fixture
 def busy_pair(loopback_pair):
@@ -100,7 +102,7 @@ def test_decode_matches_independent_unpack(busy_pair):
             assert ours[name] == ref[name], name
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=scaled(150), deadline=None)
 @given(st.binary(min_size=0, max_size=TCP_INFO_SIZE + 16))
 def test_short_records_give_none_never_garbage(data):
     info = TcpInfo.from_bytes(data)

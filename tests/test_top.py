@@ -141,22 +141,25 @@ def test_not_a_terminal_refreshes_as_plain_text(close_wait: Pairs) -> None:
     assert "\x1b[" not in out.stdout
 
 
-def test_census_command_table_and_json(close_wait: Pairs) -> None:
+def test_census_command_table_and_json(close_wait: Pairs, capsys: pytest.CaptureFixture[str]) -> None:
+    """The table as ``python -m fastlive census``; --json and a bad --state
+    through the command's main() in this process (a Python start-up costs
+    ~6 s on an emulated CPU)."""
     import json
+    from fastlive.tools.cli import main
     port = close_wait[0].getsockname()[1]
-    base = [sys.executable, "-m", "fastlive", "census", "--port", str(port)]
-    out = subprocess.run(base + ["--state", "close-wait"], capture_output=True, text=True,
-                         timeout=60, env=_env())
+    args = ["census", "--port", str(port)]
+    out = subprocess.run([sys.executable, "-m", "fastlive", *args, "--state", "close-wait"],
+                         capture_output=True, text=True, timeout=60, env=_env())
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].startswith("STATE") and lines[-1] == "5 sockets: CLOSE_WAIT 5"
-    js = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=60, env=_env())
-    rows = json.loads(js.stdout)
+    assert main([*args, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
     assert len(rows) == 15 and sum(r["state"] == "CLOSE_WAIT" for r in rows) == 5
     assert sum(r["state"] == "FIN_WAIT2" for r in rows) == 5
-    bad = subprocess.run(base[:-2] + ["--state", "bogus"], capture_output=True, text=True,
-                         timeout=60, env=_env())
-    assert bad.returncode == 2 and "states" in bad.stderr
+    assert main([*args[:-2], "--state", "bogus"]) == 2
+    assert "states" in capsys.readouterr().err
 
 
 def _wait_subscribed(pid: int, timeout: float) -> None:

@@ -52,9 +52,9 @@ def die_with_parent(ppid: int, lifetime: float) -> None:
     """PR_SET_PDEATHSIG (SIGKILL when the thread that forked us dies), exit
     at once if the owner already died before that, and exit after
     ``lifetime`` seconds in any case."""
-    from ._spawn import libc
+    import ctypes
     try:
-        libc().prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         pass
     if ppid and os.getppid() != ppid:

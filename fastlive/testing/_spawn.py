@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import IO, Any, Callable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["spawn", "python_argv", "package_parent", "proc_state", "pid_alive", "ip_command"]
+__all__ = ["spawn", "python_argv", "child_argv", "package_parent", "proc_state", "pid_alive", "ip_command"]
 
 _File = Union[int, IO[Any], None]
 
@@ -45,6 +45,21 @@ def python_argv(module: str, func: str = "main") -> List[str]:
     boot = (f"import sys; sys.path.insert(0, sys.argv.pop(1)); "
             f"from {module} import {func}; sys.exit({func}(sys.argv[1:]))")
     return [sys.executable, "-c", boot, package_parent()]
+
+
+def child_argv() -> List[str]:
+    """``[python, -c, ...]`` that runs :mod:`fastlive.testing._child`'s
+    ``main`` from its file, without importing the fastlive package (the
+    roles that need fastlive import it themselves, this process's copy:
+    its parent directory goes first on ``sys.path``).  Importing the
+    package costs ~130 ms natively and seconds on an emulated CPU, and a
+    test suite starts hundreds of helpers."""
+    child = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
+    boot = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+            "import importlib.util as u; s = u.spec_from_file_location('fastlive_child', sys.argv.pop(1)); "
+            "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
+            "sys.exit(m.main(sys.argv[1:]))")
+    return [sys.executable, "-c", boot, package_parent(), child]
 
 
 def ip_command() -> str:
@@ -101,7 +116,7 @@ def spawn(role: str, args: Sequence[str] = (), *, pass_fds: Sequence[int] = (),
     with this process (see the module docstring).  ``netns`` runs it inside
     that network namespace (``ip netns exec`` execs, so the pid is the
     helper's)."""
-    cmd = python_argv("fastlive.testing._child") + ["--ppid", str(os.getpid()), role, *args]
+    cmd = child_argv() + ["--ppid", str(os.getpid()), role, *args]
     if netns is not None:
         cmd = [ip_command(), "netns", "exec", netns, *cmd]
     proc: subprocess.Popen[Any] = _spawner.run(lambda: subprocess.Popen(
