@@ -9,7 +9,11 @@
    Loop CPU over an idle window (getrusage of the server process), then a
    SIGKILL of the holder of 1% of the peers: how long after the first
    handler woke the last one woke (every await within 5 ms of the first FIN
-   is the target), and after the kill.
+   is the target), and after the kill.  A woken handler only notes the time;
+   the streams stay referenced until the measurement is over (a handler
+   that dropped its unclosed StreamWriter would make every wake-up pay
+   StreamWriter.__del__: a transport close and a ResourceWarning, ~40 us on
+   asyncio, in front of the next handler's wake-up).
 2. heartbeat: N connections to a C peer that answers PINGs, interval 1 s:
    the C floor (bench_heartbeat.py's plain C loop), LoopHeartbeat on the
    loop (the engine's fd on the loop), asyncio one task per connection
@@ -98,9 +102,11 @@ def role_gone(a: argparse.Namespace) -> Dict[str, Any]:
 
     async def main() -> None:
         tasks = []
+        streams = []        # referenced until the end (see the docstring)
         for s in socks_big + socks_small:
             fd = s.fileno()
             r, w = await asyncio.open_connection(sock=s)
+            streams.append(w)
             tasks.append(asyncio.create_task(handler(fd, r, w)))
         await asyncio.sleep(a.warmup)
         if a.mode == "fastlive":
@@ -124,6 +130,8 @@ def role_gone(a: argparse.Namespace) -> Dict[str, Any]:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for w in streams:
+            w.close()
 
     loop = new_loop(a.loop)
     try:

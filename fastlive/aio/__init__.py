@@ -13,7 +13,8 @@ asyncio.
   ``asyncio.start_server`` and :func:`guard_protocol` for
   ``loop.create_server``: every accepted connection guarded.
 * :func:`socket_factory` - sockets armed with a bound before they connect,
-  for client drivers that make their own (aiohttp's ``TCPConnector``).
+  for client drivers that make their own (aiohttp's ``TCPConnector``); the
+  bound covers the driver's retry on a fresh connection (:func:`plan_client`).
 * :class:`LoopHeartbeat` - the heartbeat engine's deaths delivered on the
   loop (its fd on the loop); the engine's own thread sends and answers the
   PINGs.
@@ -23,7 +24,7 @@ asyncpg/psycopg, aiohttp client sessions).
 """
 from __future__ import annotations
 
-from .client import socket_factory
+from .client import ClientPlan, plan_client, socket_factory
 from .heartbeat import LoopHeartbeat
 from .server import OnGone, guard, guard_protocol, guard_streams, start_server
 from .target import check_within
@@ -34,5 +35,5 @@ __all__ = [
     "peer_gone", "watch", "LOCAL_CLOSE", "closed_locally", "verdict_of_exc",
     "LoopWatcher", "watcher_for", "check_within",
     "guard", "guard_streams", "guard_protocol", "start_server", "OnGone",
-    "LoopHeartbeat", "socket_factory",
+    "LoopHeartbeat", "socket_factory", "plan_client", "ClientPlan",
 ]

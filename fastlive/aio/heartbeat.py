@@ -26,7 +26,7 @@ class _Handle:
     """What the engine is given for one connection: the fd, and the way
     back to the registration when its death comes out of the engine."""
 
-    __slots__ = ("fd", "conn", "future", "on_dead")
+    __slots__ = ("fd", "conn", "future", "on_dead", "done_cb")
 
     def __init__(self, fd: int, conn: Any, future: asyncio.Future[HeartbeatDeath],
                  on_dead: Optional[OnDead]) -> None:
@@ -34,6 +34,7 @@ class _Handle:
         self.conn = conn
         self.future = future
         self.on_dead = on_dead
+        self.done_cb: Optional[Callable[[Any], None]] = None
 
     def fileno(self) -> int:
         return self.fd
@@ -106,7 +107,8 @@ class LoopHeartbeat:
         if old is not None and not old.future.done():
             old.future.cancel()
         self._by_fd[target.fd] = h
-        fut.add_done_callback(lambda f: self._future_done(h))
+        h.done_cb = lambda f: self._future_done(h)
+        fut.add_done_callback(h.done_cb)
         return fut
 
     def _future_done(self, h: _Handle) -> None:
@@ -146,6 +148,8 @@ class LoopHeartbeat:
                 del self._by_fd[h.fd]
             if h.future.done():
                 continue
+            if h.done_cb is not None:       # already forgotten: no callback to schedule
+                h.future.remove_done_callback(h.done_cb)
             h.future.set_result(d)
             if h.on_dead is not None:
                 try:

@@ -68,11 +68,21 @@ def verdict_of_exc(exc: Optional[BaseException]) -> Verdict:
     return LOCAL_CLOSE
 
 
+# Verdicts are immutable: one object per distinct (status, method, errno,
+# tcp_state, flags), so a burst of deaths builds no dataclass per death.
+_VERDICTS: Dict[Tuple[Any, ...], Verdict] = {}
+
+
 def _verdict_of(d: Death) -> Verdict:
-    v = getattr(d, "verdict", None)
-    if isinstance(v, Verdict):
-        return v
-    return Verdict(d.status, d.method, d.errno, None, Flag(d.flags))
+    key = (d.status, d.method, d.errno, d.tcp_state, d.flags)
+    v = _VERDICTS.get(key)
+    if v is None:
+        got = getattr(d, "verdict", None)
+        v = got if isinstance(got, Verdict) else Verdict(d.status, d.method, d.errno, None,
+                                                        Flag(d.flags))
+        if len(_VERDICTS) < 4096:
+            _VERDICTS[key] = v
+    return v
 
 
 class _Watch:
@@ -85,7 +95,9 @@ class _Watch:
         self.fd = fd
         self.ident = ident
         self.sock = sock
-        self.futures: List[asyncio.Future[Verdict]] = []
+        # each waiter's future and its done callback (removed before the
+        # result is set, so a delivery schedules nothing but the wake-up)
+        self.futures: List[Tuple[asyncio.Future[Verdict], Callable[..., None]]] = []
         self.proto: Any = None
         self.hooked = False
         self.done = False
@@ -137,11 +149,13 @@ def _hook(proto: Any, w: LoopWatcher, rec: _Watch) -> bool:
 def _unhook(proto: Any, rec: _Watch) -> None:
     d = getattr(proto, "__dict__", None)
     cur = d.get("connection_lost") if d is not None else None
-    if not isinstance(cur, _LostHook):
+    if cur.__class__ is not _LostHook:
         return
-    cur.subs = [s for s in cur.subs if s[1] is not rec]
-    if cur.subs:
-        return
+    subs = cur.subs
+    if len(subs) != 1 or subs[0][1] is not rec:     # (the common case: one watch)
+        cur.subs = subs = [s for s in subs if s[1] is not rec]
+        if subs:
+            return
     try:
         if cur.had:
             proto.connection_lost = cur.prev
@@ -234,25 +248,24 @@ class LoopWatcher:
                 self._unhooked += 1
         elif within is not None:
             detect_within(fd, within)    # a second watcher with a bound: arm it too
-        rec.futures.append(fut)
-        fut.add_done_callback(functools.partial(self._future_done, rec))
+        cb = functools.partial(self._future_done, rec)
+        rec.futures.append((fut, cb))
+        fut.add_done_callback(cb)
         return fut
 
     def _future_done(self, rec: _Watch, fut: asyncio.Future[Verdict]) -> None:
         if not fut.cancelled() or rec.done:
             return
-        try:
-            rec.futures.remove(fut)
-        except ValueError:
-            pass
+        rec.futures = [fc for fc in rec.futures if fc[0] is not fut]
         if rec.futures:
             return
         if not rec.superseded and self._mon is not None:
             self._mon.remove(rec.fd)    # the fd still names rec's socket (else superseded)
         self._end(rec)
 
-    def _end(self, rec: _Watch) -> None:
-        """Forget ``rec`` (its Monitor registration is gone already)."""
+    def _end(self, rec: _Watch, release: bool = True) -> None:
+        """Forget ``rec`` (its Monitor registration is gone already); with
+        ``release`` close the Monitor if that was the last watch."""
         rec.done = True
         if self._by_ident.get(rec.ident) is rec:
             del self._by_ident[rec.ident]
@@ -264,13 +277,15 @@ class LoopWatcher:
         else:
             self._unhooked -= 1
         rec.sock = None
-        self._release_if_idle()
+        if release:
+            self._release_if_idle()
 
-    def _finish(self, rec: _Watch, verdict: Verdict) -> None:
+    def _finish(self, rec: _Watch, verdict: Verdict, release: bool = True) -> None:
         futs, rec.futures = rec.futures, []
-        self._end(rec)
-        for f in futs:
+        self._end(rec, release)
+        for f, cb in futs:
             if not f.done():
+                f.remove_done_callback(cb)    # nothing left for it to do
                 f.set_result(verdict)
 
     def _on_ready(self) -> None:
@@ -281,9 +296,11 @@ class LoopWatcher:
             deaths = mon.wait(0)
         except ValueError:          # closed under us
             return
+        # Every death of this wait() is delivered here, in this one callback:
+        # the waiters' wake-ups are all queued before the loop runs anything else.
         for d in deaths:
             rec = d.key
-            if not isinstance(rec, _Watch) or rec.done:
+            if rec.__class__ is not _Watch or rec.done:
                 continue
             v = LOCAL_CLOSE if d.behind_back else _verdict_of(d)
             if rec.hooked and v.status is Status.CLOSED and not v.errno:
@@ -293,7 +310,8 @@ class LoopWatcher:
                 rec.pending = v
                 self._loop.call_soon(self._settle, rec, 2)
                 continue
-            self._finish(rec, v)
+            self._finish(rec, v, False)
+        self._release_if_idle()
 
     def _settle(self, rec: _Watch, hops: int) -> None:
         if rec.done or rec.pending is None:
