@@ -372,14 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     bhb.raise_nofile()
-    if a.n is None:
-        a.n = 200 if a.quick else 10000
-    if a.interval is None:
-        a.interval = 0.5 if a.quick else 1.0
-    if a.seconds is None:         # the window holds at least one interval
-        a.seconds = 0.6 if a.quick else 10.0
-    if a.warmup is None:          # at least one interval: spread schedules start after one
-        a.warmup = 0.5 if a.quick else 3.0
+    bhb.fill_defaults(a)
     if a.role:
         print(json.dumps(ROLES[a.role](a)), flush=True)
         return 0

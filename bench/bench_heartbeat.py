@@ -655,6 +655,19 @@ def run_case(name: str, exe: Path, ip: str, a: argparse.Namespace,
     return res
 
 
+def fill_defaults(a: argparse.Namespace) -> None:
+    """The sizes left unset on the command line, full or ``--quick`` (also
+    bench_aio.py's)."""
+    if a.n is None:
+        a.n = 200 if a.quick else 10000
+    if a.interval is None:
+        a.interval = 0.5 if a.quick else 1.0
+    if a.seconds is None:         # the window holds at least one interval
+        a.seconds = 0.6 if a.quick else 10.0
+    if a.warmup is None:          # at least one interval: spread schedules start after one
+        a.warmup = 0.5 if a.quick else 3.0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
@@ -681,14 +694,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--gil-busy", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     raise_nofile()
-    if a.n is None:
-        a.n = 200 if a.quick else 10000
-    if a.interval is None:
-        a.interval = 0.5 if a.quick else 1.0
-    if a.seconds is None:         # the window holds at least one interval
-        a.seconds = 0.6 if a.quick else 10.0
-    if a.warmup is None:          # at least one interval: spread schedules start after one
-        a.warmup = 0.5 if a.quick else 3.0
+    fill_defaults(a)
     if a.role:
         print(json.dumps(ROLES[a.role](a)))
         return 0
