@@ -143,7 +143,8 @@ def test_states_and_port_filters(server) -> None:  # type: ignore[no-untyped-def
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         cw = fastlive.census(port=port, states=[TcpState.CLOSE_WAIT])
-        if len(cw) == 2:
+        # and the closing ends past FIN_WAIT1 (the peer's ACK processed)
+        if len(cw) == 2 and len(fastlive.census(port=port, states="fin-wait2")) == 2:
             break
         time.sleep(0.01)
     assert {e.state for e in cw} == {TcpState.CLOSE_WAIT}
