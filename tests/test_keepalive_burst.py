@@ -143,6 +143,8 @@ def test_aio_watch_within_and_socket_factory_spread_a_burst(pairs):
             s.close()
 
 
+@pytest.mark.timed("the burst must be armed inside one 1 s window; an emulated CPU takes longer "
+                   "to arm a thousand sockets")
 def test_an_oversized_burst_warns_and_counts_once_per_window():
     # unconnected TCP sockets take the options (no timer runs): only the planning is under test
     k = spread_count(5)
