@@ -279,14 +279,17 @@ class ArmingStats:
 
 
 class _Arming:
-    """Counts armings per burst window and per plan (keyed by the plan's
-    idle): a burst is the armings of one window of ``max(1 s, idle / 8)``
-    (the kernel's timer wheel groups timers that far apart into one bucket,
-    granularity <= 1/8 of the delay)."""
+    """Counts armings per burst and per plan (keyed by the plan's idle): a
+    burst is a run of armings each less than ``max(1 s, idle / 8)`` after
+    the one before (the kernel's timer wheel groups timers that far apart
+    into one bucket, granularity <= 1/8 of the delay).  A gap, not a fixed
+    window, ends it: the timers run from each connection's last received
+    segment, not from when it was armed, so a burst armed slowly (a slow
+    or emulated CPU, a loaded machine) must keep rotating its slots."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.windows: Dict[int, List[float]] = {}     # idle -> [start, n]
+        self.windows: Dict[int, List[float]] = {}     # idle -> [last arming, n]
         self.armed = 0
         self.overloaded = 0
         self.backlog = 0
@@ -313,7 +316,7 @@ class _Arming:
                 w = self.windows[idle] = [now, 0]
                 self.backlog = self._read_backlog()
             n = int(w[1])
-            w[1] = n + 1
+            w[0], w[1] = now, n + 1
             self.armed += 1
             safe = k * max(1, int(self.backlog * BACKLOG_SHARE))
             if n < safe:
@@ -322,8 +325,8 @@ class _Arming:
             if n != safe:
                 return n // SPREAD_BLOCK, None
         return n // SPREAD_BLOCK, (
-            f"fastlive: more than {safe} sockets armed with a {whole} s bound within "
-            f"{max(1.0, idle / 8):g} s in this process: their keepalive probes come in bursts "
+            f"fastlive: more than {safe} sockets armed with a {whole} s bound less than "
+            f"{max(1.0, idle / 8):g} s apart in this process: their keepalive probes come in bursts "
             f"that can overflow net.core.netdev_max_backlog ({self.backlog}) on loopback/veth, and "
             f"dropped probes turn into false ETIMEDOUT deaths.  Arm them over more time, use a "
             f"longer bound, or raise net.core.netdev_max_backlog (see fastlive.arming_stats())")
@@ -349,9 +352,10 @@ def arming_stats() -> ArmingStats:
     is dropped (``/proc/net/softnet_stat`` column 2), so peers that are
     alive miss their probes and time out.  :func:`plan_within` spreads a
     burst over :func:`spread_count` idle values; the safe load of a burst
-    window is ``spread_count x netdev_max_backlog x`` :data:`BACKLOG_SHARE`
+    is ``spread_count x netdev_max_backlog x`` :data:`BACKLOG_SHARE`
     sockets.  Past it, ``overloaded`` counts up and a
-    :class:`KeepaliveBurstWarning` is issued once per window."""
+    :class:`KeepaliveBurstWarning` is issued once per burst (a run of
+    armings less than ``max(1 s, idle / 8)`` apart)."""
     with _ARMING.lock:
         return ArmingStats(_ARMING.armed, _ARMING.overloaded,
                            _ARMING.backlog or _ARMING._read_backlog())
