@@ -285,11 +285,14 @@ class _Arming:
     into one bucket, granularity <= 1/8 of the delay).  A gap, not a fixed
     window, ends it: the timers run from each connection's last received
     segment, not from when it was armed, so a burst armed slowly (a slow
-    or emulated CPU, a loaded machine) must keep rotating its slots."""
+    or emulated CPU, a loaded machine) must keep rotating its slots.  The
+    load the warning is about is counted per window of that length, so a
+    steady trickle of armings never warns."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.windows: Dict[int, List[float]] = {}     # idle -> [last arming, n]
+        # idle -> [last arming, n in the burst, this window's start, n in the window]
+        self.windows: Dict[int, List[float]] = {}
         self.armed = 0
         self.overloaded = 0
         self.backlog = 0
@@ -307,26 +310,29 @@ class _Arming:
         whole = int(min(bound, 32767))
         idle = _base(whole)[0]
         k = spread_count(bound)
+        gap = max(1.0, idle / 8)
         now = time.monotonic()
         with self.lock:
             w = self.windows.get(idle)
-            if w is None or now - w[0] > max(1.0, idle / 8):
+            if w is None or now - w[0] > gap:
                 if len(self.windows) > 64:
                     self.windows.clear()
-                w = self.windows[idle] = [now, 0]
+                w = self.windows[idle] = [now, 0, now, 0]
                 self.backlog = self._read_backlog()
-            n = int(w[1])
-            w[0], w[1] = now, n + 1
+            elif now - w[2] > gap:          # the burst goes on; the load is counted per window
+                w[2], w[3] = now, 0
+            n, m = int(w[1]), int(w[3])
+            w[0], w[1], w[3] = now, n + 1, m + 1
             self.armed += 1
             safe = k * max(1, int(self.backlog * BACKLOG_SHARE))
-            if n < safe:
+            if m < safe:
                 return n // SPREAD_BLOCK, None
             self.overloaded += 1
-            if n != safe:
+            if m != safe:
                 return n // SPREAD_BLOCK, None
         return n // SPREAD_BLOCK, (
-            f"fastlive: more than {safe} sockets armed with a {whole} s bound less than "
-            f"{max(1.0, idle / 8):g} s apart in this process: their keepalive probes come in bursts "
+            f"fastlive: more than {safe} sockets armed with a {whole} s bound within "
+            f"{gap:g} s in this process: their keepalive probes come in bursts "
             f"that can overflow net.core.netdev_max_backlog ({self.backlog}) on loopback/veth, and "
             f"dropped probes turn into false ETIMEDOUT deaths.  Arm them over more time, use a "
             f"longer bound, or raise net.core.netdev_max_backlog (see fastlive.arming_stats())")
@@ -354,8 +360,8 @@ def arming_stats() -> ArmingStats:
     burst over :func:`spread_count` idle values; the safe load of a burst
     is ``spread_count x netdev_max_backlog x`` :data:`BACKLOG_SHARE`
     sockets.  Past it, ``overloaded`` counts up and a
-    :class:`KeepaliveBurstWarning` is issued once per burst (a run of
-    armings less than ``max(1 s, idle / 8)`` apart)."""
+    :class:`KeepaliveBurstWarning` is issued once per window of
+    ``max(1 s, idle / 8)`` that arms more."""
     with _ARMING.lock:
         return ArmingStats(_ARMING.armed, _ARMING.overloaded,
                            _ARMING.backlog or _ARMING._read_backlog())

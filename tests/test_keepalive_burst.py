@@ -156,6 +156,8 @@ def test_aio_watch_within_and_socket_factory_spread_a_burst(pairs):
             s.close()
 
 
+@pytest.mark.timed("the load is counted per 1 s window: an emulated CPU takes longer than that "
+                   "to arm a thousand sockets")
 def test_an_oversized_burst_warns_and_counts_once_per_window():
     # unconnected TCP sockets take the options (no timer runs): only the planning is under test
     k = spread_count(5)
@@ -181,6 +183,30 @@ def test_an_oversized_burst_warns_and_counts_once_per_window():
             warnings.simplefilter("error")                  # a small burst is silent
             for s in socks[:SPREAD_BLOCK]:
                 fastlive.detect_within(s, 5)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_a_steady_trickle_past_the_safe_load_never_warns():
+    """The load is counted per window: more sockets than the safe load,
+    armed evenly over a little more than two windows, keep one burst (the
+    slots rotate) but never warn."""
+    k = spread_count(5)
+    safe = k * int(arming_stats().backlog * fastlive.keepalive.BACKLOG_SHARE)
+    if safe > 15000:
+        pytest.skip(f"the safe load ({safe}) needs too many fds here")
+    socks = [socket.socket() for _ in range(safe + 100)]
+    try:
+        _new_window()
+        before = arming_stats().overloaded
+        pause = 2.2 / len(socks)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KeepaliveBurstWarning)
+            for s in socks:
+                fastlive.detect_within(s, 5)
+                time.sleep(pause)
+        assert arming_stats().overloaded == before
     finally:
         for s in socks:
             s.close()
