@@ -457,13 +457,13 @@ def wire_run(port: int) -> Dict[str, object]:
     """The port's client against a scripted server: the bytes and their pace."""
     procs: List[Proc] = []
     with socket.create_server((HOST, port)) as lst:
-        lst.settimeout(10)
+        lst.settimeout(20)  # as wait_listening: many interpreters start at once
         try:
             cli = Proc(port_client(port))
             procs.append(cli)
             conn, _ = lst.accept()
             with conn:
-                conn.settimeout(5)
+                conn.settimeout(10)
                 got, times = [], []
                 for _ in range(3):
                     got.append(recv_exact(conn, len(MSG)))
