@@ -10,12 +10,17 @@ the suite on emulated aarch64 and armv7l); see fastlive/_platform.py:
   too slow emulated).
 * ``@pytest.mark.timed("why")`` - timed against wall-clock windows that an
   emulated CPU misses: skipped under qemu-user and in a full-system TCG
-  machine (scripts/arm_kernels.sh sets ``FASTLIVE_TCG_VM`` there).
+  machine (scripts/arm_kernels.sh sets ``FASTLIVE_TCG_VM`` there), and in
+  the ASan/UBSan run (scripts/sanitize.sh sets ``FASTLIVE_SANITIZED``: it
+  looks for memory errors, and its instrumented interpreters start too
+  slowly, dozens at once, for 1 s windows).
 * ``@pytest.mark.tcp_info_fields("rtt", "bytes_acked", ...)`` - skipped
   where getsockopt(TCP_INFO) does not return those fields (qemu-user
   returns 4 bytes: ``state`` only).  With no names: needs the 104-byte
   base record every real kernel returns.
 """
+import os
+
 import pytest
 
 import fastlive.testing.plugin
@@ -61,12 +66,14 @@ def _tcp_info_skip(names):
 def pytest_collection_modifyitems(config, items):
     qemu = _platform.under_qemu()
     emulated = "qemu-user" if qemu else _platform.tcg_vm()
+    slow_cpu = f"emulated CPU ({emulated})" if emulated else (
+        "ASan/UBSan build (FASTLIVE_SANITIZED)" if os.environ.get("FASTLIVE_SANITIZED") else "")
     for item in items:
-        if emulated:
+        if slow_cpu:
             for mark in item.iter_markers("timed"):
                 why = mark.args[0] if mark.args else mark.kwargs.get("reason", "")
                 item.add_marker(pytest.mark.skip(
-                    reason=f"emulated CPU ({emulated}): {why or 'timed test'}"))
+                    reason=f"{slow_cpu}: {why or 'timed test'}"))
                 break
         if qemu:
             for mark in item.iter_markers("no_qemu"):
