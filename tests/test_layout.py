@@ -23,6 +23,50 @@ def test_import_fastlive_is_light():
     assert out.stdout.strip() == "[]"
 
 
+def _modules_after(code: str) -> list:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                          "print(sorted(m for m in sys.modules if m.startswith('fastlive')))"],
+                         capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout.strip().splitlines()[-1])
+
+
+def test_names_load_their_module_on_first_use():
+    """``import fastlive`` loads the vocabulary (verdicts) and the native core,
+    not the engines: each public name imports its module when first used."""
+    heavy = ("fastlive.batch", "fastlive.monitor", "fastlive.heartbeat", "fastlive.keepalive")
+    assert not set(_modules_after("import fastlive")) & set(heavy)
+    after = _modules_after("import fastlive; fastlive.Monitor")
+    assert "fastlive.monitor" in after and "fastlive.heartbeat" not in after
+    # the function stays the function when its module is imported by name later
+    assert _modules_after("import sys, fastlive, fastlive.tools.census\n"
+                          "assert fastlive.census is sys.modules['fastlive.census'].census")
+    # every public name resolves, to the object its module defines
+    for name in fastlive.__all__:
+        assert getattr(fastlive, name) is not None, name
+    assert set(fastlive.__all__) <= set(dir(fastlive))
+    assert fastlive.Monitor is sys.modules["fastlive.monitor"].Monitor
+    with pytest.raises(AttributeError, match="no attribute 'Monitr'"):
+        fastlive.Monitr  # noqa: B018
+    # the star import goes through the same path
+    ns: dict = {}
+    exec("from fastlive import *", ns)
+    assert ns["HeartbeatEngine"] is fastlive.HeartbeatEngine
+
+
+def test_cli_loads_only_the_command_it_runs():
+    """``fastlive --help`` imports no tool module, ``fastlive census`` only its own."""
+    def tools_after(*argv: str) -> list:
+        loaded = _modules_after(
+            "import contextlib, io\nfrom fastlive.tools.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    try:\n        main({list(argv)!r})\n    except SystemExit:\n        pass")
+        assert "fastlive.testing" not in loaded
+        return sorted(m for m in loaded if m.startswith("fastlive.tools."))
+    assert tools_after("--help") == ["fastlive.tools.cli"]
+    assert tools_after("census", "--help") == ["fastlive.tools.census", "fastlive.tools.cli"]
+
+
 def test_every_module_has_all():
     pkg = pathlib.Path(fastlive.__path__[0])
     missing = []

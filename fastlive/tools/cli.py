@@ -57,9 +57,12 @@ def count_arg(name: str, lo: int, hi: int) -> Callable[[str], int]:
     return conv
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The top-level parser, one subparser per row of :data:`COMMANDS`
-    (each subparser knows itself as ``args._parser``)."""
+    (each subparser knows itself as ``args._parser``).  With ``command``,
+    only that subcommand's module is imported to give its options (the
+    others stay one line of help): ``fastlive census`` does not load the
+    demo's fault kit, nor ``fastlive --help`` anything at all."""
     parser = argparse.ArgumentParser(
         prog="fastlive",
         description="Is the peer of a TCP connection still there? (Linux)")
@@ -69,14 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in COMMANDS:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(_module=module, _parser=p)
-        importlib.import_module(module).add_arguments(p)
+        if command is None or command == name:
+            importlib.import_module(module).add_arguments(p)
     return parser
+
+
+def _command_in(argv: List[str]) -> Optional[str]:
+    """The subcommand ``argv`` names: the first word that is not an option
+    (the top level has no option that takes a value); None when there is
+    none, or it is not a command (argparse then reports it)."""
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return word if any(word == c[0] for c in COMMANDS) else None
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the
     exit status (2 for usage errors, which argparse reports and exits on)."""
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(_command_in(argv) or "")
     args, extra = parser.parse_known_args(argv)
     sub: Optional[argparse.ArgumentParser] = getattr(args, "_parser", None)
     if extra:
