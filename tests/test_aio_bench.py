@@ -43,14 +43,21 @@ def test_bench_gone_quick() -> None:
 @pytest.mark.no_qemu("too slow emulated")
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="gcc builds the C peer and floor")
 def test_bench_heartbeat_quick() -> None:
-    # 14 cases, each its own processes: a 0.25 s interval keeps it short
-    # (every case still runs whole rounds of PINGs in its window)
-    out = bench("--parts", "hb", "--n", "100", "--interval", "0.25", "--seconds", "0.3",
-                "--warmup", "0.25")
+    # 15 cases (the five ratio cases twice: interleaved rounds), each its
+    # own processes: a 0.25 s interval keeps it short (every case still
+    # runs whole rounds of PINGs in its window)
+    out = bench("--parts", "hb", "--rounds", "2", "--n", "100", "--interval", "0.25",
+                "--seconds", "0.3", "--warmup", "0.25")
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
-    names = {r["name"] for r in data["hb"]}
-    assert {"floor", "LoopHeartbeat/asyncio", "task-per-conn/asyncio+blocked",
-            "ws-style/asyncio"} <= names
+    by = {r["name"]: r for r in data["hb"]}
+    assert {"floor", "engine", "LoopHeartbeat/asyncio", "task-per-conn/asyncio+blocked",
+            "ws-style/asyncio"} <= set(by)
+    assert len(by["floor"]["rounds"]) == len(by["LoopHeartbeat/asyncio"]["rounds"]) == 2
+    assert len(by["ws-style/asyncio"]["rounds"]) == 1
     for r in data["hb"]:
-        assert r["pings"] > 0, r
+        for run in r["rounds"]:
+            assert run["pings"] > 0, r
+        assert r["x_floor"] > 0, r
+        if r["name"].startswith(("engine", "LoopHeartbeat")):
+            assert r["deaths"] == 0, r      # every peer answers, blocked loop or not
