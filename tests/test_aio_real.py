@@ -14,6 +14,8 @@
   ``postgres`` account) and asyncpg: a query on a blackholed server fails
   within the bound with the documented recipe (the pool's ``init`` guards
   each connection) and the pool reconnects; an unguarded query still waits.
+  psycopg 3's AsyncConnection the same way (``detect_within`` on
+  ``conn.pgconn.socket``).
 """
 from __future__ import annotations
 
@@ -397,5 +399,52 @@ def test_asyncpg_blackholed_server(kind: str, pg_template: Tuple[str, str, int, 
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pool.close(), 5)
                 pool.terminate()
+        with pair.inside_a():
+            run(kind, main())
+
+
+def test_psycopg_blackholed_server(kind: str, pg_template: Tuple[str, str, int, int]) -> None:
+    """psycopg 3's AsyncConnection against a real PostgreSQL server blackholed
+    while a query waits: with the documented recipe (``detect_within`` on
+    ``conn.pgconn.socket``) the query fails within the bound; the same query
+    on an unguarded connection still waits, and completes once the network
+    is back (its bytes were only delayed)."""
+    psycopg = pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]'")
+    import fastlive
+
+    async def one(conn: Any, sql: str) -> Any:
+        cur = await conn.execute(sql)
+        return await cur.fetchone()
+
+    with NetnsPair() as pair, postgres_server(pair, pg_template) as port:
+        async def main() -> None:
+            dsn = f"host={pair.addr_b} port={port} user=postgres dbname=postgres"
+            plain = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            guarded = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+            try:
+                fastlive.detect_within(guarded.pgconn.socket, BOUND)    # the recipe
+                assert await one(guarded, "SELECT 1") == (1,)
+                await asyncio.to_thread(pair.blackhole)
+                t0 = time.monotonic()
+                p = asyncio.ensure_future(one(plain, "SELECT 2"))
+                g = asyncio.ensure_future(one(guarded, "SELECT 2"))
+                with pytest.raises(psycopg.OperationalError):
+                    await asyncio.wait_for(g, BOUND + SLACK)
+                took = time.monotonic() - t0
+                assert took < BOUND + SCHED_SLACK, took
+                assert not p.done(), "without fastlive the query should still be waiting"
+                assert guarded.closed or guarded.broken
+                await asyncio.to_thread(_restore_address, pair)
+                assert await asyncio.wait_for(p, 60) == (2,)    # only delayed: TCP retransmits
+                again = await asyncio.wait_for(psycopg.AsyncConnection.connect(dsn), 30)
+                async with again:
+                    assert await one(again, "SELECT 3") == (3,)
+                print(f"\n{kind}: psycopg query failed {took:.2f} s after the blackhole "
+                      f"(bound {BOUND} s, {type(g.exception()).__name__}); the unguarded one "
+                      "waited and completed once the network was back")
+            finally:
+                for c in (plain, guarded):
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(c.close(), 5)
         with pair.inside_a():
             run(kind, main())
