@@ -3,6 +3,7 @@ every helper process and namespace is really gone afterwards."""
 import contextlib
 import errno
 import os
+import re
 import select
 import signal
 import socket
@@ -252,6 +253,14 @@ def netns_inode():
 def test_netns_pair_layout(netns_pair):
     p = netns_pair
     assert {p.ns_a, p.ns_b} <= set(list_netns())
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                            timeout=10, check=True).stdout
+    assert set(list_netns()) == {line.split()[0] for line in listed.splitlines() if line.strip()}
+    # each end: its address, up, and the MAC the pair recorded
+    for side, mac in (("a", p.mac_a), ("b", p.mac_b)):
+        assert p.link_state(side) in ("UP", "UNKNOWN")
+        assert re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac) and mac != "00:00:00:00:00:00"
+    assert p.mac_a != p.mac_b
     assert p.local.getsockname()[0] == p.addr_a
     assert p.local.getpeername() == (p.addr_b, p.peer.port)
     assert p.addresses("a") == [p.addr_a] and p.addresses("b") == [p.addr_b]

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from ._spawn import ip_command as _ip
 from ._spawn import libc as _libc
@@ -39,10 +39,13 @@ __all__ = ["NetnsPair", "in_netns", "list_netns", "sweep_stale_netns",
 _CLONE_NEWNET = 0x40000000
 
 
-def _run(*args: str, check: bool = True, timeout: float = 10.0) -> str:
-    out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+def _run(*args: str, check: bool = True, timeout: float = 10.0,
+         stdin: Optional[str] = None) -> str:
+    out = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                         input=stdin)
     if check and out.returncode != 0:
-        raise OSError(f"{' '.join(args)}: {out.stderr.strip() or out.returncode}")
+        what = " ".join(args) + (f" <<< {stdin!r}" if stdin else "")
+        raise OSError(f"{what}: {out.stderr.strip() or out.returncode}")
     return out.stdout
 
 
@@ -93,12 +96,15 @@ _counter_lock = threading.Lock()
 
 
 def list_netns() -> List[str]:
-    """Names of the named network namespaces (``ip netns list``)."""
-    try:
-        out = _run(_ip(), "netns", "list", check=False)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+    """Names of the named network namespaces: the files in ``/run/netns``,
+    where ``ip netns add`` mounts them (what ``ip netns list`` reads)."""
+    names: List[str] = []
+    for base in ("/run/netns", "/var/run/netns"):
+        try:
+            names += [n for n in os.listdir(base) if n not in names]
+        except OSError:
+            continue
+    return sorted(names)
 
 
 def sweep_stale_netns() -> List[str]:
@@ -261,28 +267,25 @@ class NetnsPair:
     def _setup(self) -> None:
         ip = _ip()
         sweep_stale_netns()
+        # (few processes: each ``ip`` costs a fork, an exec and its
+        # libraries, ~0.1 s on an emulated CPU; one batch per namespace)
         for ns in (self.ns_a, self.ns_b):
-            _run(ip, "netns", "del", ns, check=False)   # a leftover of a reused pid
+            if ns in list_netns():                   # a leftover of a reused pid
+                _run(ip, "netns", "del", ns, check=False)
             _run(ip, "netns", "add", ns)
             self._created.append(ns)
         _run(ip, "link", "add", self.dev_a, "netns", self.ns_a, "type", "veth",
              "peer", "name", self.dev_b, "netns", self.ns_b)
         for ns, dev, addr in ((self.ns_a, self.dev_a, self.addr_a),
                               (self.ns_b, self.dev_b, self.addr_b)):
-            self._ipn(ns, "link", "set", "lo", "up")
-            self._ipn(ns, "addr", "add", f"{addr}/24", "dev", dev)
-            self._ipn(ns, "link", "set", dev, "up")
-        for side in ("a", "b"):
-            self.wait_link_state(side, "UP", "UNKNOWN")
-        self.mac_a = self._mac(self.ns_a, self.dev_a)
-        self.mac_b = self._mac(self.ns_b, self.dev_b)
+            _run(ip, "-n", ns, "-batch", "-", timeout=self.timeout,
+                 stdin=f"link set lo up\naddr add {addr}/24 dev {dev}\nlink set {dev} up\n")
+        self.mac_a = str(self._wait_link("a", ("UP", "UNKNOWN"), None)["address"])
+        self.mac_b = str(self._wait_link("b", ("UP", "UNKNOWN"), None)["address"])
         self.peer = PeerProcess(listen=(self.addr_b, 0), netns=self.ns_b,
                                 timeout=self.timeout)
         self.local = self.connect()
 
-    def _mac(self, ns: str, dev: str) -> str:
-        info = json.loads(self._ipn(ns, "-j", "link", "show", dev))
-        return str(info[0]["address"])
 
     def close(self) -> None:
         """Close the local sockets, kill the helper, delete both namespaces.
@@ -389,10 +392,14 @@ class NetnsPair:
         ``10.77.1.2 dev veth-a lladdr ... PERMANENT``."""
         return self._ipn(self.ns_a, "neigh", "show", self.addr_b).strip()
 
+    def _link(self, side: str) -> Dict[str, Any]:
+        ns, dev = (self.ns_a, self.dev_a) if side == "a" else (self.ns_b, self.dev_b)
+        info: Dict[str, Any] = json.loads(self._ipn(ns, "-j", "link", "show", dev))[0]
+        return info
+
     def link_state(self, side: str = "b") -> str:
         """operstate of a veth end ('UP', 'DOWN', 'LOWERLAYERDOWN')."""
-        ns, dev = (self.ns_a, self.dev_a) if side == "a" else (self.ns_b, self.dev_b)
-        return str(json.loads(self._ipn(ns, "-j", "link", "show", dev))[0]["operstate"])
+        return str(self._link(side)["operstate"])
 
     def wait_link_state(self, side: str, *states: str, timeout: Optional[float] = None) -> str:
         """Wait until a veth end's operstate is one of ``states``; return it.
@@ -405,15 +412,19 @@ class NetnsPair:
         ``timeout`` seconds (default: the pair's ``timeout``)."""
         if not states:
             raise ValueError("states: name at least one operstate")
+        return str(self._wait_link(side, states, timeout)["operstate"])
+
+    def _wait_link(self, side: str, states: Sequence[str],
+                   timeout: Optional[float]) -> Dict[str, Any]:
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         while True:
-            state = self.link_state(side)
-            if state in states:
-                return state
+            info = self._link(side)
+            if info["operstate"] in states:
+                return info
             if time.monotonic() >= deadline:
-                raise TimeoutError(f"veth end {side!r} is {state}, not {'/'.join(states)}, "
-                                   f"after {limit:g} s")
+                raise TimeoutError(f"veth end {side!r} is {info['operstate']}, not "
+                                   f"{'/'.join(states)}, after {limit:g} s")
             time.sleep(0.02)
 
     def addresses(self, side: str = "b") -> List[str]:
