@@ -111,7 +111,9 @@ def test_tcp_info_flags_a_silent_busy_connection_suspect(matrix):
         busy = matrix.cell("tcp_info", failure, True)
         idle = matrix.cell("tcp_info", failure, False)
         assert not busy.detected and busy.suspect_after is not None, busy
-        assert busy.suspect_after < 2.0, busy      # ~0.2 s: the first RTO backoff
+        # ~0.2 s: the first RTO backoff; an emulated CPU's watch thread and
+        # fault injection run late by seconds (2.4 s seen on arm64 under TCG)
+        assert busy.suspect_after < (6.0 if _platform.emulated_cpu() else 2.0), busy
         assert idle.suspect_after is None, idle    # nothing in flight, nothing to suspect
     for failure in ("healthy", "frozen"):          # a frozen peer's kernel still ACKs
         for busy in (False, True):
