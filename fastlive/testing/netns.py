@@ -286,7 +286,6 @@ class NetnsPair:
                                 timeout=self.timeout)
         self.local = self.connect()
 
-
     def close(self) -> None:
         """Close the local sockets, kill the helper, delete both namespaces.
         Safe to call twice; never raises for what is already gone."""

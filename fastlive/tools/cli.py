@@ -61,8 +61,9 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
     """The top-level parser, one subparser per row of :data:`COMMANDS`
     (each subparser knows itself as ``args._parser``).  With ``command``,
     only that subcommand's module is imported to give its options (the
-    others stay one line of help): ``fastlive census`` does not load the
-    demo's fault kit, nor ``fastlive --help`` anything at all."""
+    others stay one line of help; ``""``: none is): ``fastlive census``
+    does not load the demo's fault kit, nor ``fastlive --help`` anything at
+    all.  ``None`` (the default) imports every one: the whole parser."""
     parser = argparse.ArgumentParser(
         prog="fastlive",
         description="Is the peer of a TCP connection still there? (Linux)")
