@@ -1,5 +1,6 @@
 """The house: what ``import fastlive`` loads, and the README's first command
 run as a new user runs it, in a fresh clone's root."""
+import ast
 import os
 import pathlib
 import shutil
@@ -28,7 +29,7 @@ def _modules_after(code: str) -> list:
                           "print(sorted(m for m in sys.modules if m.startswith('fastlive')))"],
                          capture_output=True, text=True, timeout=60, cwd="/")
     assert out.returncode == 0, out.stderr
-    return eval(out.stdout.strip().splitlines()[-1])
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
 def test_names_load_their_module_on_first_use():
