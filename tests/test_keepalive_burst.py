@@ -156,15 +156,22 @@ def test_aio_watch_within_and_socket_factory_spread_a_burst(pairs):
             s.close()
 
 
+def _safe_load_at_5s() -> int:
+    """How many sockets one window can arm at a 5 s bound before the
+    warning (the spread's slots x the backlog share); skips when that needs
+    more fds than a test here may hold."""
+    backlog = arming_stats().backlog
+    safe = spread_count(5) * int(backlog * fastlive.keepalive.BACKLOG_SHARE)
+    if safe > 15000:
+        pytest.skip(f"netdev_max_backlog {backlog}: the safe load ({safe}) needs too many fds here")
+    return safe
+
+
 @pytest.mark.timed("the load is counted per 1 s window: an emulated CPU takes longer than that "
                    "to arm a thousand sockets")
 def test_an_oversized_burst_warns_and_counts_once_per_window():
     # unconnected TCP sockets take the options (no timer runs): only the planning is under test
-    k = spread_count(5)
-    backlog = arming_stats().backlog
-    safe = k * int(backlog * fastlive.keepalive.BACKLOG_SHARE)
-    if safe > 15000:
-        pytest.skip(f"netdev_max_backlog {backlog}: the safe load ({safe}) needs too many fds here")
+    safe = _safe_load_at_5s()
     socks = [socket.socket() for _ in range(safe + 10)]
     try:
         _new_window()
@@ -192,10 +199,7 @@ def test_a_steady_trickle_past_the_safe_load_never_warns():
     """The load is counted per window: more sockets than the safe load,
     armed evenly over a little more than two windows, keep one burst (the
     slots rotate) but never warn."""
-    k = spread_count(5)
-    safe = k * int(arming_stats().backlog * fastlive.keepalive.BACKLOG_SHARE)
-    if safe > 15000:
-        pytest.skip(f"the safe load ({safe}) needs too many fds here")
+    safe = _safe_load_at_5s()
     socks = [socket.socket() for _ in range(safe + 100)]
     try:
         _new_window()
